@@ -1,0 +1,113 @@
+//! `visutility`: the command-line interface. The only place that prints,
+//! exits, or uses `anyhow`.
+
+mod demo;
+mod inspect;
+mod replay;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// VisuTility: decide when deployed models need retraining, with strategies
+/// that run as sandboxed WebAssembly components.
+#[derive(Debug, Parser)]
+#[command(name = "visutility", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    /// Log more (-v: info, -vv: debug, -vvv: trace). `RUST_LOG` overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Stream a synthetic, degrading model through the bundled baseline
+    /// strategy and show the retrain signals. Start here.
+    Demo(demo::DemoArgs),
+    /// Back-test a strategy on a recorded NDJSON stream of snapshots.
+    Replay(replay::ReplayArgs),
+    /// Show what a strategy component is: name, version, config schema, WIT
+    /// version, size, imports.
+    Inspect(inspect::InspectArgs),
+    /// Load a strategy, configure it, and report whether it is usable.
+    Validate(inspect::ValidateArgs),
+    /// List the strategies bundled in this binary.
+    Strategies,
+}
+
+/// An error with the exit code it maps to.
+#[derive(Debug)]
+pub struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl Failure {
+    /// Bad input: exit code 2.
+    pub fn input(error: impl Into<anyhow::Error>) -> Self {
+        Failure { code: 2, error: error.into() }
+    }
+
+    /// Anything else: exit code 1.
+    pub fn runtime(error: impl Into<anyhow::Error>) -> Self {
+        Failure { code: 1, error: error.into() }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Demo(args) => demo::run(args),
+        Command::Replay(args) => replay::run(args),
+        Command::Inspect(args) => inspect::inspect(args),
+        Command::Validate(args) => inspect::validate(args),
+        Command::Strategies => inspect::strategies(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            if is_broken_pipe(&f.error) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {}", f.error);
+            for cause in f.error.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+/// `--config` value: inline JSON, or `@path` to read it from a file.
+pub fn read_config(arg: Option<&str>) -> Result<String, Failure> {
+    match arg {
+        None => Ok("{}".to_string()),
+        Some(s) => match s.strip_prefix('@') {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| Failure::input(anyhow::anyhow!("cannot read config file `{path}`: {e}"))),
+            None => Ok(s.to_string()),
+        },
+    }
+}

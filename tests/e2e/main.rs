@@ -1,0 +1,6 @@
+//! End-to-end tests: the real `visutility` binary, real `.wasm` components
+//! built from source by `host/build.rs`.
+
+mod cli;
+mod runtime;
+mod util;
