@@ -93,7 +93,7 @@ impl Observation {
     ///
     /// [`SnapshotError`] naming the field and the problem.
     pub fn from_json(text: &str, received: SystemTime) -> Result<Self, SnapshotError> {
-        let wire: Wire = serde_json::from_str(text).map_err(|e| SnapshotError::Json(e.to_string()))?;
+        let wire: Wire = serde_json::from_str(text).map_err(json_error)?;
         wire.into_observation(received)
     }
 
@@ -136,6 +136,16 @@ pub enum SnapshotError {
         /// What is wrong with it.
         reason: String,
     },
+}
+
+/// serde_json's message with "at line 1 column N" (always line 1 for one
+/// snapshot) shortened to "at column N".
+fn json_error(e: serde_json::Error) -> SnapshotError {
+    let text = e.to_string();
+    match text.rfind(" at line ") {
+        Some(pos) if e.line() <= 1 => SnapshotError::Json(format!("{} at column {}", &text[..pos], e.column())),
+        _ => SnapshotError::Json(text),
+    }
 }
 
 fn finite(field: &str, value: f64) -> Result<(), SnapshotError> {

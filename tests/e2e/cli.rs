@@ -148,7 +148,7 @@ fn malformed_lines_stop_the_replay_with_the_line_number() {
     let good = r#"{"model_version":"m","score":0.1}"#;
     let cases = [
         (r#"{"model_version":"m","scroe":0.5}"#, "unknown field `scroe`"),
-        (r#"{"model_version":"m","score":NaN}"#, "line 3"),
+        (r#"{"model_version":"m","score":NaN}"#, "expected value at column 30"),
         (r#"{"model_version":"m","score":"0.5"}"#, "invalid type"),
         (r#"{"model_version":"m","score":0.5,"timestamp":"yesterday"}"#, "not RFC 3339"),
         (r#"{"model_version":"m","score":0.5,"metrics":{"psi":"x"}}"#, "invalid type"),
