@@ -116,6 +116,16 @@ impl<'a> Point<'a> {
         Point { index, score, loss, timestamp_ms, metrics: Metrics::None }
     }
 
+    /// The watched value of this point, if it has one (finite).
+    pub fn value(&self, watch: &Watch) -> Option<f64> {
+        let v = match watch {
+            Watch::Score => Some(self.score),
+            Watch::Loss => self.loss,
+            Watch::Metric(name) => self.metric(name),
+        };
+        v.filter(|v| v.is_finite())
+    }
+
     /// The named metric `name` of this point, if the snapshot carried it.
     pub fn metric(&self, name: &str) -> Option<f64> {
         match self.metrics {
@@ -154,9 +164,11 @@ impl Verdict {
 
 /// A change detector for one model stream.
 ///
-/// The detector's whole state is `Self`: it is saved with `serde` (as JSON) and
+/// The detector's whole state is `Self`: it is saved with `serde` (in a compact
+/// binary encoding that keeps every `f64` bit-exact, infinities included) and
 /// restored on restart or hot swap, so keep everything the detector needs to
-/// continue in its fields.
+/// continue in its fields. A state saved by a version of the strategy whose
+/// fields differ is refused, and the host starts that stream afresh.
 pub trait Detector: Serialize + DeserializeOwned + 'static {
     /// The configuration, parsed from the monitor's JSON config. Use
     /// `#[serde(deny_unknown_fields)]` so that typos are refused.
@@ -199,6 +211,74 @@ pub fn parse_config<D: Detector>(config: &str) -> Result<D::Config, String> {
         .map_err(|e| format!("invalid config for strategy `{}`: {e}", D::NAME))?;
     D::validate(&parsed).map_err(|e| format!("invalid config for strategy `{}`: {e}", D::NAME))?;
     Ok(parsed)
+}
+
+/// Magic prefix of saved states: format version 1.
+const STATE_MAGIC: &[u8; 4] = b"VUS1";
+
+/// Serialises a detector's state the way the host's `save` call does.
+pub fn save_state<D: Detector>(detector: &D) -> Vec<u8> {
+    let mut out = STATE_MAGIC.to_vec();
+    // Serialising plain data into a Vec cannot fail.
+    out.extend(postcard::to_allocvec(detector).unwrap_or_default());
+    out
+}
+
+/// Rebuilds a detector from [`save_state`]'s bytes.
+///
+/// # Errors
+///
+/// A message saying why the bytes are not a state of this strategy.
+pub fn restore_state<D: Detector>(state: &[u8]) -> Result<D, String> {
+    let body = state
+        .strip_prefix(STATE_MAGIC.as_slice())
+        .ok_or_else(|| format!("saved state does not fit strategy `{}`: not a VisuTility state (bad header)", D::NAME))?;
+    postcard::from_bytes(body).map_err(|e| format!("saved state does not fit strategy `{}`: {e}", D::NAME))
+}
+
+/// Which value of a point a detector watches: `"score"` (the default),
+/// `"loss"`, or `"metrics.<name>"` for a named metric.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Watch {
+    /// The primary KPI.
+    #[default]
+    Score,
+    /// The loss.
+    Loss,
+    /// A named entry of `metrics`.
+    Metric(String),
+}
+
+impl TryFrom<String> for Watch {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "score" => Ok(Watch::Score),
+            "loss" => Ok(Watch::Loss),
+            other => match other.strip_prefix("metrics.") {
+                Some(name) if !name.is_empty() => Ok(Watch::Metric(name.to_string())),
+                _ => Err(format!("`watch` must be \"score\", \"loss\" or \"metrics.<name>\", got {other:?}")),
+            },
+        }
+    }
+}
+
+impl From<Watch> for String {
+    fn from(w: Watch) -> String {
+        match w {
+            Watch::Score => "score".into(),
+            Watch::Loss => "loss".into(),
+            Watch::Metric(name) => format!("metrics.{name}"),
+        }
+    }
+}
+
+impl std::fmt::Display for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&String::from(self.clone()))
+    }
 }
 
 /// Runs `detector` over columns the way the WASM glue does, calling `emit`
@@ -351,6 +431,7 @@ pub mod __private {
     }
 
     /// One model stream's detector behind the WIT resource.
+    #[allow(missing_debug_implementations)]
     pub struct Stream<D: Detector> {
         inner: RefCell<D>,
     }
@@ -386,12 +467,11 @@ pub mod __private {
         }
 
         fn save(&self) -> Vec<u8> {
-            serde_json::to_vec(&*self.inner.borrow()).unwrap_or_default()
+            crate::save_state(&*self.inner.borrow())
         }
 
         fn restore(_model: String, state: Vec<u8>) -> Result<exp::Detector, String> {
-            let d: D = serde_json::from_slice(&state)
-                .map_err(|e| format!("saved state does not fit strategy `{}`: {e}", D::NAME))?;
+            let d: D = crate::restore_state(&state)?;
             Ok(exp::Detector::new(Stream { inner: RefCell::new(d) }))
         }
     }

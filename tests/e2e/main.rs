@@ -2,5 +2,6 @@
 //! built from source by `host/build.rs`.
 
 mod cli;
+mod river;
 mod runtime;
 mod util;

@@ -185,7 +185,7 @@ mod tests {
         for s in [1.0, 1.0] {
             a.update(&Point::new(0, s, None, 0));
         }
-        let mut b: Baseline = serde_json::from_slice(&serde_json::to_vec(&a).unwrap()).unwrap();
+        let mut b: Baseline = visutility_strategy::restore_state(&visutility_strategy::save_state(&a)).unwrap();
         for s in [1.0, 1.0] {
             assert_eq!(b.update(&Point::new(0, s, None, 0)), Verdict::Healthy);
         }
