@@ -316,6 +316,82 @@ pub fn evaluate_columns<D: Detector>(
     }
 }
 
+/// Small building blocks for detectors.
+pub mod stats {
+    use serde::{Deserialize, Serialize};
+
+    /// Running mean and variance (Welford), exact enough for warm-ups.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+    pub struct Welford {
+        n: u64,
+        mean: f64,
+        m2: f64,
+    }
+
+    impl Welford {
+        /// Adds one value.
+        pub fn push(&mut self, x: f64) {
+            self.n += 1;
+            let d = x - self.mean;
+            self.mean += d / self.n as f64;
+            self.m2 += d * (x - self.mean);
+        }
+
+        /// Values seen.
+        pub fn count(&self) -> u64 {
+            self.n
+        }
+
+        /// The mean (0 before any value).
+        pub fn mean(&self) -> f64 {
+            self.mean
+        }
+
+        /// The sample standard deviation (n - 1), 0 with fewer than 2 values.
+        pub fn std(&self) -> f64 {
+            if self.n < 2 { 0.0 } else { (self.m2 / (self.n - 1) as f64).sqrt() }
+        }
+    }
+
+    /// A target mean and standard deviation, given in the config or learnt
+    /// from the first `warmup` values.
+    #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+    pub struct Reference {
+        target: Option<f64>,
+        sigma: Option<f64>,
+        warmup: u32,
+        min_sigma: f64,
+        seen: Welford,
+    }
+
+    impl Reference {
+        /// `target`/`sigma` fixed when given; the missing ones are learnt from
+        /// the first `warmup` values; `sigma` is never below `min_sigma`.
+        pub fn new(target: Option<f64>, sigma: Option<f64>, warmup: u32, min_sigma: f64) -> Self {
+            Reference { target, sigma, warmup, min_sigma, seen: Welford::default() }
+        }
+
+        /// Feeds a value; returns `Some((mean, sigma))` once both are known
+        /// (the value that completes the warm-up is not evaluated).
+        pub fn observe(&mut self, x: f64) -> Option<(f64, f64)> {
+            if let (Some(t), Some(s)) = (self.target, self.sigma) {
+                return Some((t, s.max(self.min_sigma)));
+            }
+            self.seen.push(x);
+            if self.seen.count() >= u64::from(self.warmup) {
+                self.target.get_or_insert(self.seen.mean());
+                self.sigma.get_or_insert(self.seen.std().max(self.min_sigma));
+            }
+            None
+        }
+
+        /// The learnt or given reference, once known.
+        pub fn get(&self) -> Option<(f64, f64)> {
+            Some((self.target?, self.sigma?.max(self.min_sigma)))
+        }
+    }
+}
+
 /// Writes to the host's log (tagged with the monitor and strategy). Off
 /// `wasm32` it writes to stderr.
 pub mod log {

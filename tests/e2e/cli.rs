@@ -177,7 +177,7 @@ fn bad_strategy_files_say_what_is_wrong() {
         (env.write("empty-component.wasm", b"\0asm\x0d\0\x01\0").display().to_string(), "targets another world"),
         (next.to_string(), "built against `visutility:strategy@0.2.0` but this host speaks `visutility:strategy@0.1.0`"),
         (env.path("missing.wasm").display().to_string(), "cannot read strategy"),
-        ("builtin:nope".to_string(), "unknown strategy `builtin:nope`; bundled strategies: adwin, baseline, page-hinkley"),
+        ("builtin:nope".to_string(), "unknown strategy `builtin:nope`; bundled strategies: adwin, baseline, bocpd, cusum, ewma, page-hinkley"),
     ];
     for (strategy, needle) in cases {
         env.run(&["replay", "-s", &strategy, "-i", input.to_str().unwrap()]).fails_with(2, needle);

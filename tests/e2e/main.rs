@@ -2,6 +2,7 @@
 //! built from source by `host/build.rs`.
 
 mod cli;
+mod detectors;
 mod river;
 mod runtime;
 mod util;
