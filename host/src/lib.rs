@@ -66,7 +66,7 @@ pub use error::MonitoringError;
 pub use observer::ConsoleObserver;
 pub use publisher::{DynObserver, MetricObserver, MetricPublisher, OverflowPolicy, PublisherStats};
 pub use runtime::{Limits, LoadError, StrategyError, StrategyFault};
-pub use snapshot::{MetricSnapshot, Observation, SnapshotError, format_timestamp, ms_to_system_time, system_time_to_ms};
+pub use snapshot::{MetricSnapshot, Observation, ObservationRef, SnapshotError, format_timestamp, ms_to_system_time, system_time_to_ms};
 pub use strategy::{BaselineStrategy, DEFAULT_MAX_BATCH, RetrainSignal, RetrainStrategy, VerdictEvent, WasmStrategy};
 pub use supervisor::{
     DEFAULT_COOLDOWN, MonitoringSupervisor, SIGNAL_CHANNEL_BUFFER, ShutdownHandle, SupervisorStats, WATCHDOG_INTERVAL,

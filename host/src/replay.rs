@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use crate::runtime::{PointBatch, StrategyError, StrategyInstance, VerdictKind};
-use crate::snapshot::Observation;
+use crate::snapshot::{Observation, ObservationRef};
 
 /// Snapshots evaluated per chunk; each chunk is split into one batch per
 /// model.
@@ -78,19 +78,85 @@ pub enum ReplayError {
 /// # Errors
 ///
 /// [`ReplayError::Line`] for the first malformed line, naming its number.
-pub fn read_observations(input: impl BufRead) -> Result<Vec<Observation>, ReplayError> {
+pub fn read_observations(mut input: impl BufRead) -> Result<Vec<Observation>, ReplayError> {
+    let mut text = Vec::new();
+    input.read_to_end(&mut text)?;
+    let text = as_utf8(&text)?;
+    Ok(parse_lines(text, 1)?.into_iter().map(ObservationRef::into_observation).collect())
+}
+
+/// Checks that `bytes` are UTF-8, naming the first line that is not.
+///
+/// # Errors
+///
+/// [`ReplayError::Line`] for the line with the first invalid byte.
+pub fn as_utf8(bytes: &[u8]) -> Result<&str, ReplayError> {
+    std::str::from_utf8(bytes).map_err(|e| ReplayError::Line {
+        line: bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1,
+        message: "not valid UTF-8".into(),
+    })
+}
+
+/// Parses every line of `text` (blank lines skipped) on up to `threads`
+/// threads, borrowing model names from `text`. Snapshots without a timestamp
+/// get the time of reading.
+///
+/// # Errors
+///
+/// [`ReplayError::Line`] for the first malformed line in input order.
+pub fn parse_lines(text: &str, threads: usize) -> Result<Vec<ObservationRef<'_>>, ReplayError> {
     let received = SystemTime::now();
-    let mut out = Vec::new();
-    for (i, line) in input.lines().enumerate() {
-        let line = line.map_err(|e| ReplayError::Line { line: i + 1, message: e.to_string() })?;
+    let threads = threads.max(1);
+    // Split at line boundaries into roughly equal parts.
+    let mut parts = Vec::with_capacity(threads);
+    let mut start = 0;
+    for i in 1..=threads {
+        let mut end = if i == threads { text.len() } else { (text.len() * i / threads).max(start) };
+        if end < text.len() {
+            end = text[end..].find('\n').map_or(text.len(), |p| end + p + 1);
+        }
+        parts.push(&text[start..end]);
+        start = end;
+    }
+    let results: Vec<_> = if parts.len() == 1 {
+        vec![parse_part(parts[0], received)]
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = parts.iter().map(|p| scope.spawn(move || parse_part(p, received))).collect();
+            handles.into_iter().map(|h| h.join().expect("parser thread panicked")).collect()
+        })
+    };
+    let mut all = Vec::with_capacity(results.iter().map(|(_, r)| r.as_ref().map_or(0, Vec::len)).sum());
+    let mut lines_before = 0;
+    for (lines, result) in results {
+        match result {
+            Ok(obs) => all.extend(obs),
+            Err((line, message)) => return Err(ReplayError::Line { line: lines_before + line, message }),
+        }
+        lines_before += lines;
+    }
+    Ok(all)
+}
+
+type PartResult<'a> = (usize, Result<Vec<ObservationRef<'a>>, (usize, String)>);
+
+/// Parses one part: the number of lines it has, and its snapshots or its
+/// first error (local line number, message).
+fn parse_part(part: &str, received: SystemTime) -> PartResult<'_> {
+    let mut out = Vec::with_capacity(part.len() / 64);
+    let mut lines = 0;
+    for line in part.split_terminator('\n') {
+        lines += 1;
+        let line = line.strip_suffix('\r').unwrap_or(line);
         if line.trim().is_empty() {
             continue;
         }
-        let obs = Observation::from_json(&line, received)
-            .map_err(|e| ReplayError::Line { line: i + 1, message: e.to_string() })?;
-        out.push(obs);
+        match ObservationRef::from_json(line, received) {
+            Ok(o) => out.push(o),
+            Err(e) => return (lines, Err((lines, e.to_string()))),
+        }
     }
-    Ok(out)
+    (lines, Ok(out))
 }
 
 /// Evaluates `observations` in order with `instance`, calling `emit` for
@@ -102,7 +168,7 @@ pub fn read_observations(input: impl BufRead) -> Result<Vec<Observation>, Replay
 /// `emit` does.
 pub fn replay(
     instance: &mut StrategyInstance,
-    observations: &[Observation],
+    observations: &[ObservationRef<'_>],
     mut emit: impl FnMut(&ReplaySignal) -> std::io::Result<()>,
 ) -> Result<ReplaySummary, ReplayError> {
     let started = Instant::now();
@@ -120,7 +186,7 @@ pub fn replay(
         }
         order.clear();
         for (i, obs) in chunk.iter().enumerate() {
-            let model = obs.snapshot.model_version.as_str();
+            let model: &str = &obs.model_version;
             let positions = models.entry(model).or_default();
             if positions.is_empty() {
                 order.push(model);
@@ -133,7 +199,8 @@ pub fn replay(
             let positions = &models[model];
             batch.clear();
             for &i in positions {
-                batch.push(&chunk[i]);
+                let o = &chunk[i];
+                batch.push_parts(o.score, o.loss, o.timestamp_ms(), &o.metrics);
             }
             for v in instance.evaluate(model, &batch)? {
                 fired.push((positions[v.index], v.kind, v.reason));
@@ -141,14 +208,14 @@ pub fn replay(
         }
         fired.sort_by_key(|(i, _, _)| *i);
         for (i, kind, reason) in fired.drain(..) {
-            let snap = &chunk[i].snapshot;
+            let snap = &chunk[i];
             match kind {
                 VerdictKind::Retrain => summary.retrain += 1,
                 VerdictKind::Warn => summary.warn += 1,
             }
             emit(&ReplaySignal {
                 index: (base + i) as u64,
-                model_version: snap.model_version.clone(),
+                model_version: snap.model_version.to_string(),
                 kind,
                 reason,
                 score: snap.score,

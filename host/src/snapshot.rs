@@ -14,6 +14,7 @@
 //! silently. Snapshots serialise with an RFC 3339 timestamp (millisecond
 //! precision).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -103,7 +104,7 @@ impl Observation {
     ///
     /// [`SnapshotError`] naming the field and the problem.
     pub fn from_value(value: serde_json::Value, received: SystemTime) -> Result<Self, SnapshotError> {
-        let wire: Wire = serde_json::from_value(value).map_err(|e| SnapshotError::Json(e.to_string()))?;
+        let wire: Wire<'_> = Wire::deserialize(&value).map_err(|e| SnapshotError::Json(e.to_string()))?;
         wire.into_observation(received)
     }
 }
@@ -198,8 +199,9 @@ pub fn format_timestamp(t: SystemTime) -> String {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Wire {
-    model_version: String,
+struct Wire<'a> {
+    #[serde(borrow)]
+    model_version: Cow<'a, str>,
     score: f64,
     #[serde(default)]
     loss: Option<f64>,
@@ -209,15 +211,17 @@ struct Wire {
     metrics: BTreeMap<String, f64>,
 }
 
-impl Wire {
+impl<'a> Wire<'a> {
     fn into_observation(self, received: SystemTime) -> Result<Observation, SnapshotError> {
-        let snapshot = MetricSnapshot {
-            model_version: self.model_version,
-            score: self.score,
-            loss: self.loss,
-            timestamp: self.timestamp.unwrap_or(received),
-        };
-        snapshot.validate()?;
+        self.into_ref(received).map(ObservationRef::into_observation)
+    }
+
+    fn into_ref(self, received: SystemTime) -> Result<ObservationRef<'a>, SnapshotError> {
+        validate_model_version(&self.model_version)?;
+        finite("score", self.score)?;
+        if let Some(loss) = self.loss {
+            finite("loss", loss)?;
+        }
         if self.metrics.len() > MAX_METRICS {
             return Err(SnapshotError::Invalid {
                 field: "metrics".into(),
@@ -233,7 +237,60 @@ impl Wire {
             }
             finite(&format!("metrics.{name}"), value)?;
         }
-        Ok(Observation { snapshot, metrics: self.metrics })
+        Ok(ObservationRef {
+            model_version: self.model_version,
+            score: self.score,
+            loss: self.loss,
+            timestamp: self.timestamp.unwrap_or(received),
+            metrics: self.metrics,
+        })
+    }
+}
+
+/// A validated snapshot that borrows its `model_version` from the input
+/// when it can: the fast path of bulk parsing (replay, ingestion). Exactly
+/// the same validation as [`Observation::from_json`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObservationRef<'a> {
+    /// The model.
+    pub model_version: Cow<'a, str>,
+    /// The primary KPI (finite).
+    pub score: f64,
+    /// The loss (finite), if any.
+    pub loss: Option<f64>,
+    /// Source timestamp, or the time of receipt.
+    pub timestamp: SystemTime,
+    /// Named extra metrics (finite).
+    pub metrics: BTreeMap<String, f64>,
+}
+
+impl<'a> ObservationRef<'a> {
+    /// Parses one snapshot in the wire format.
+    ///
+    /// # Errors
+    ///
+    /// [`SnapshotError`] naming the field and the problem.
+    pub fn from_json(text: &'a str, received: SystemTime) -> Result<Self, SnapshotError> {
+        let wire: Wire<'a> = serde_json::from_str(text).map_err(json_error)?;
+        wire.into_ref(received)
+    }
+
+    /// The timestamp in milliseconds since the Unix epoch.
+    pub fn timestamp_ms(&self) -> i64 {
+        system_time_to_ms(self.timestamp)
+    }
+
+    /// An owned [`Observation`].
+    pub fn into_observation(self) -> Observation {
+        Observation {
+            snapshot: MetricSnapshot {
+                model_version: self.model_version.into_owned(),
+                score: self.score,
+                loss: self.loss,
+                timestamp: self.timestamp,
+            },
+            metrics: self.metrics,
+        }
     }
 }
 

@@ -129,9 +129,20 @@ impl PointBatch {
     /// Appends an observation (score, loss, timestamp and named metrics).
     pub fn push(&mut self, obs: &Observation) {
         let s = &obs.snapshot;
-        self.push_raw(s.score, s.loss, s.timestamp_ms());
+        self.push_parts(s.score, s.loss, s.timestamp_ms(), &obs.metrics);
+    }
+
+    /// Appends a point from its parts.
+    pub fn push_parts(
+        &mut self,
+        score: f64,
+        loss: Option<f64>,
+        timestamp_ms: i64,
+        metrics: &std::collections::BTreeMap<String, f64>,
+    ) {
+        self.push_raw(score, loss, timestamp_ms);
         let n = self.inner.scores.len();
-        for (name, &value) in &obs.metrics {
+        for (name, &value) in metrics {
             match self.inner.metrics.iter_mut().find(|c| &c.name == name) {
                 Some(col) => col.values[n - 1] = value,
                 None => {
@@ -156,6 +167,7 @@ pub struct StrategyInstance {
     label: String,
     limits: Limits,
     deadline_ticks: u64,
+    fuel_metering: bool,
     detectors: HashMap<String, ResourceAny>,
     counters: Arc<SandboxCounters>,
     last_fuel: u64,
@@ -183,8 +195,11 @@ impl StrategyInstance {
         let deadline_ticks = component.runtime.ticks_for(limits.deadline);
         let fault = |call, e| StrategyError { strategy: label.clone(), call, fault: e };
 
+        let fuel_metering = component.runtime.fuel_metering();
         // Instantiation runs the guest's start code: give it a budget too.
-        store.set_fuel(limits.fuel).map_err(|e| fault("instantiate", StrategyFault::Trap(e.to_string())))?;
+        if fuel_metering {
+            store.set_fuel(limits.fuel).map_err(|e| fault("instantiate", StrategyFault::Trap(e.to_string())))?;
+        }
         store.set_epoch_deadline(deadline_ticks);
         let bindings = component
             .pre
@@ -203,6 +218,7 @@ impl StrategyInstance {
             label,
             limits,
             deadline_ticks,
+            fuel_metering,
             detectors: HashMap::new(),
             counters,
             last_fuel: 0,
@@ -367,12 +383,16 @@ impl StrategyInstance {
         }
         let budget = self.limits.fuel;
         self.store.data_mut().begin_call();
-        if let Err(e) = self.store.set_fuel(budget) {
+        if self.fuel_metering
+            && let Err(e) = self.store.set_fuel(budget)
+        {
             return Err(self.error(name, StrategyFault::Trap(e.to_string())));
         }
         self.store.set_epoch_deadline(self.deadline_ticks);
         let result = f(&mut self.store, &self.bindings);
-        self.last_fuel = budget.saturating_sub(self.store.get_fuel().unwrap_or(0));
+        if self.fuel_metering {
+            self.last_fuel = budget.saturating_sub(self.store.get_fuel().unwrap_or(0));
+        }
         self.store.data_mut().flush_output();
         result.map_err(|e| {
             self.poisoned = true;

@@ -73,6 +73,12 @@ pub struct RuntimeConfig {
     pub epoch_tick: Duration,
     /// Guest stack limit in bytes. Default 1 MiB.
     pub max_wasm_stack: usize,
+    /// Canonicalise NaNs produced by guest float arithmetic, so that replays
+    /// are bit-identical on every CPU. Default on.
+    pub nan_canonicalization: bool,
+    /// Meter fuel, the deterministic CPU bound of [`Limits::fuel`]. Default
+    /// on; off leaves only the wall-clock deadline (for measurements).
+    pub fuel_metering: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -81,6 +87,8 @@ impl Default for RuntimeConfig {
             cache_dir: default_cache_dir(),
             epoch_tick: Duration::from_millis(5),
             max_wasm_stack: 1 << 20,
+            nan_canonicalization: true,
+            fuel_metering: true,
         }
     }
 }
@@ -123,12 +131,10 @@ impl Runtime {
     pub fn new(config: RuntimeConfig) -> Result<Self, LoadError> {
         let mut wasm = Config::new();
         wasm.wasm_component_model(true)
-            .consume_fuel(true)
+            .consume_fuel(config.fuel_metering)
             .epoch_interruption(true)
             .max_wasm_stack(config.max_wasm_stack)
-            // NaNs are canonicalised so that a replay is deterministic on
-            // any CPU.
-            .cranelift_nan_canonicalization(true)
+            .cranelift_nan_canonicalization(config.nan_canonicalization)
             .parallel_compilation(true);
         let engine = Engine::new(&wasm).map_err(|e| LoadError::Engine(e.to_string()))?;
         let mut linker = Linker::new(&engine);
@@ -170,6 +176,10 @@ impl Runtime {
     /// This runtime's configuration.
     pub fn config(&self) -> &RuntimeConfig {
         &self.config
+    }
+
+    pub(crate) fn fuel_metering(&self) -> bool {
+        self.config.fuel_metering
     }
 
     pub(crate) fn engine(&self) -> &Engine {

@@ -1,14 +1,14 @@
 //! `visutility replay`.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufWriter, Read, Write};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 use clap::Args;
 use visutility_host::Limits;
-use visutility_host::replay::{ReplayError, read_observations, replay};
+use visutility_host::replay::{ReplayError, as_utf8, parse_lines, replay};
 use visutility_host::runtime::{StrategyComponent, StrategySource};
 
 use crate::{Failure, read_config};
@@ -55,19 +55,25 @@ pub fn run(args: ReplayArgs) -> Result<(), Failure> {
     }
     let mut instance = component.instantiate(&config, limits).map_err(Failure::input)?;
 
-    let input: Box<dyn BufRead> = if args.input.as_os_str() == "-" {
-        Box::new(BufReader::with_capacity(1 << 20, std::io::stdin().lock()))
+    let started = Instant::now();
+    let mut bytes = Vec::new();
+    if args.input.as_os_str() == "-" {
+        std::io::stdin().lock().read_to_end(&mut bytes).context("cannot read stdin").map_err(Failure::input)?;
     } else {
-        let f = File::open(&args.input)
-            .with_context(|| format!("cannot open input `{}`", args.input.display()))
+        File::open(&args.input)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .with_context(|| format!("cannot read input `{}`", args.input.display()))
             .map_err(Failure::input)?;
-        Box::new(BufReader::with_capacity(1 << 20, f))
-    };
+    }
     let input_name = args.input.display().to_string();
-    let observations = read_observations(input).map_err(|e| match e {
+    let located = |e: ReplayError| match e {
         ReplayError::Line { line, message } => Failure::input(anyhow!("{input_name}:{line}: {message}")),
         other => Failure::input(other),
-    })?;
+    };
+    let text = as_utf8(&bytes).map_err(located)?;
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let observations = parse_lines(text, threads).map_err(located)?;
+    let parse_time = started.elapsed();
 
     let mut out: Box<dyn Write> = if args.output.as_os_str() == "-" {
         Box::new(BufWriter::with_capacity(1 << 16, std::io::stdout().lock()))
@@ -88,15 +94,18 @@ pub fn run(args: ReplayArgs) -> Result<(), Failure> {
     out.flush().map_err(Failure::runtime)?;
 
     let info = instance.info();
-    let secs = summary.elapsed.as_secs_f64().max(1e-9);
+    let total = started.elapsed().as_secs_f64().max(1e-9);
     eprintln!(
-        "replayed {} snapshots of {} model(s) through {} {} in {:.3} s ({:.0} snapshots/s): {} retrain, {} warn",
+        "replayed {} snapshots of {} model(s) through {} {} in {:.3} s ({:.0} snapshots/s; parsing {:.3} s, \
+         evaluating {:.3} s): {} retrain, {} warn",
         summary.points,
         summary.models,
         info.name,
         info.version,
-        secs,
-        summary.points as f64 / secs,
+        total,
+        summary.points as f64 / total,
+        parse_time.as_secs_f64(),
+        summary.elapsed.as_secs_f64(),
         summary.retrain,
         summary.warn
     );
