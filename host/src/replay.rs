@@ -138,6 +138,125 @@ pub fn parse_lines(text: &str, threads: usize) -> Result<Vec<ObservationRef<'_>>
     Ok(all)
 }
 
+/// Lines per parsing work item of [`replay_text`].
+const PARSE_CHUNK_LINES: usize = 16 * 1024;
+
+/// Parses and evaluates `text` at once: parsing threads work ahead while this
+/// thread evaluates, in input order. Signals are held back until the whole
+/// input is known to be valid, so a malformed line still produces no output
+/// at all.
+///
+/// # Errors
+///
+/// [`ReplayError::Line`] for the first malformed line in input order (nothing
+/// was passed to `emit`), [`ReplayError::Strategy`] if the strategy fails,
+/// [`ReplayError::Io`] if `emit` does.
+pub fn replay_text(
+    instance: &mut StrategyInstance,
+    text: &str,
+    threads: usize,
+    mut emit: impl FnMut(&ReplaySignal) -> std::io::Result<()>,
+) -> Result<ReplaySummary, ReplayError> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let received = SystemTime::now();
+    // Work items at line boundaries, with the number of lines before each.
+    let mut items: Vec<(usize, &str)> = Vec::new();
+    let (mut start, mut line_no, mut in_item) = (0, 0, 0);
+    for (pos, _) in text.match_indices('\n') {
+        in_item += 1;
+        if in_item == PARSE_CHUNK_LINES {
+            items.push((line_no, &text[start..=pos]));
+            line_no += in_item;
+            in_item = 0;
+            start = pos + 1;
+        }
+    }
+    if start < text.len() {
+        items.push((line_no, &text[start..]));
+    }
+
+    let next = AtomicUsize::new(0);
+    let started = Instant::now();
+    let mut signals: Vec<ReplaySignal> = Vec::new();
+    let mut totals = ReplaySummary::default();
+    let mut models: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let outcome: Result<(), ReplayError> = std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, PartResult<'_>)>();
+        for _ in 0..threads.max(1) {
+            let tx = tx.clone();
+            let (items, next) = (&items, &next);
+            scope.spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((_, part)) = items.get(i) else { break };
+                    if tx.send((i, parse_part(part, received))).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut pending = std::collections::BTreeMap::new();
+        let mut want = 0;
+        let mut failure: Option<ReplayError> = None;
+        let mut base = 0u64;
+        for (i, result) in rx {
+            pending.insert(i, result);
+            while let Some((_, result)) = pending.remove(&want) {
+                let (line_offset, _) = items[want];
+                want += 1;
+                if failure.is_some() {
+                    continue;
+                }
+                match result {
+                    Err((line, message)) => {
+                        failure = Some(ReplayError::Line { line: line_offset + line, message });
+                        // Stop the parsers early; later items are moot.
+                        next.store(items.len(), Ordering::Relaxed);
+                    }
+                    Ok(obs) => {
+                        let mut part_signals = Vec::new();
+                        let summary = replay(instance, &obs, |s| {
+                            part_signals.push(s.clone());
+                            Ok(())
+                        });
+                        match summary {
+                            Ok(summary) => {
+                                totals.points += summary.points;
+                                totals.retrain += summary.retrain;
+                                totals.warn += summary.warn;
+                                for o in &obs {
+                                    if !models.contains(o.model_version.as_ref()) {
+                                        models.insert(o.model_version.to_string());
+                                    }
+                                }
+                                for mut s in part_signals {
+                                    s.index += base;
+                                    signals.push(s);
+                                }
+                                base += obs.len() as u64;
+                            }
+                            Err(e) => {
+                                failure = Some(e);
+                                next.store(items.len(), Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        failure.map_or(Ok(()), Err)
+    });
+    outcome?;
+    totals.models = models.len();
+    totals.elapsed = started.elapsed();
+    for s in &signals {
+        emit(s)?;
+    }
+    Ok(totals)
+}
+
 type PartResult<'a> = (usize, Result<Vec<ObservationRef<'a>>, (usize, String)>);
 
 /// Parses one part: the number of lines it has, and its snapshots or its

@@ -305,3 +305,22 @@ fn every_subcommand_has_help() {
         assert!(run.stdout.contains("Usage: visutility"), "{sub}: {}", run.stdout);
     }
 }
+
+#[test]
+fn long_replays_keep_indices_across_parse_chunks_and_locate_late_errors() {
+    let env = Env::new();
+    // 40,000 lines: several parallel parsing work items.
+    let (input, points) = stream(&env, 40_000, 21);
+    let run = env.run(&["replay", "-s", "builtin:baseline", "-c", r#"{"baseline": 0.8, "tolerance": 0.05}"#, "-i", input.to_str().unwrap()]);
+    run.ok();
+    check_against_rule(&signals(&run.stdout), &points, |i| points[i].score + 0.05 < 0.8);
+
+    let mut text = std::fs::read_to_string(&input).unwrap();
+    // Blank lines were added every 97 points: find the 35,000th line and break it.
+    let offset = text.match_indices('\n').nth(34_998).unwrap().0 + 1;
+    text.insert_str(offset, "{\"model_version\":\"m\",\"score\":\"high\"}\n");
+    let bad = env.write("late-error.ndjson", text);
+    let run = env.run(&["replay", "-s", "builtin:baseline", "-c", r#"{"baseline": 0.8}"#, "-i", bad.to_str().unwrap()]);
+    run.fails_with(2, "late-error.ndjson:35000: invalid type");
+    assert!(run.stdout.is_empty(), "no output before the whole input is valid");
+}

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 use clap::Args;
 use visutility_host::Limits;
-use visutility_host::replay::{ReplayError, as_utf8, parse_lines, replay};
+use visutility_host::replay::{ReplayError, as_utf8, replay_text};
 use visutility_host::runtime::{StrategyComponent, StrategySource};
 
 use crate::{Failure, read_config};
@@ -72,8 +72,6 @@ pub fn run(args: ReplayArgs) -> Result<(), Failure> {
     };
     let text = as_utf8(&bytes).map_err(located)?;
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
-    let observations = parse_lines(text, threads).map_err(located)?;
-    let parse_time = started.elapsed();
 
     let mut out: Box<dyn Write> = if args.output.as_os_str() == "-" {
         Box::new(BufWriter::with_capacity(1 << 16, std::io::stdout().lock()))
@@ -83,11 +81,12 @@ pub fn run(args: ReplayArgs) -> Result<(), Failure> {
             .map_err(Failure::input)?;
         Box::new(BufWriter::with_capacity(1 << 16, f))
     };
-    let summary = replay(&mut instance, &observations, |signal| {
+    let summary = replay_text(&mut instance, text, threads, |signal| {
         serde_json::to_writer(&mut out, signal)?;
         out.write_all(b"\n")
     })
     .map_err(|e| match e {
+        ReplayError::Line { .. } => located(e),
         ReplayError::Io(io) => Failure::runtime(io),
         other => Failure::runtime(other),
     })?;
@@ -96,15 +95,14 @@ pub fn run(args: ReplayArgs) -> Result<(), Failure> {
     let info = instance.info();
     let total = started.elapsed().as_secs_f64().max(1e-9);
     eprintln!(
-        "replayed {} snapshots of {} model(s) through {} {} in {:.3} s ({:.0} snapshots/s; parsing {:.3} s, \
-         evaluating {:.3} s): {} retrain, {} warn",
+        "replayed {} snapshots of {} model(s) through {} {} in {:.3} s ({:.0} snapshots/s; {:.3} s parsing and \
+         evaluating): {} retrain, {} warn",
         summary.points,
         summary.models,
         info.name,
         info.version,
         total,
         summary.points as f64 / total,
-        parse_time.as_secs_f64(),
         summary.elapsed.as_secs_f64(),
         summary.retrain,
         summary.warn
