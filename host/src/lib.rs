@@ -49,6 +49,8 @@
 //!   watchdog, shutdown.
 //! * [`runtime`]: the only module that touches wasmtime: engine, component
 //!   cache, sandbox, limits, bindings.
+//! * [`service`]: `visutility run`: config, SQLite outbox, monitors,
+//!   actions, HTTP API.
 //! * [`replay`]: back-testing a strategy on a recorded NDJSON stream.
 //! * `observer`: [`ConsoleObserver`].
 #![deny(missing_docs)]
@@ -58,6 +60,7 @@ mod observer;
 mod publisher;
 pub mod replay;
 pub mod runtime;
+pub mod service;
 mod snapshot;
 mod strategy;
 mod supervisor;

@@ -4,6 +4,7 @@
 mod demo;
 mod inspect;
 mod replay;
+mod run;
 
 use std::process::ExitCode;
 
@@ -24,6 +25,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the monitoring service: HTTP ingestion, monitors, durable
+    /// signals, retrain actions, metrics.
+    Run(run::RunArgs),
     /// Stream a synthetic, degrading model through the bundled baseline
     /// strategy and show the retrain signals. Start here.
     Demo(demo::DemoArgs),
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let result = match cli.command {
+        Command::Run(args) => run::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Replay(args) => replay::run(args),
         Command::Inspect(args) => inspect::inspect(args),

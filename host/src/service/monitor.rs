@@ -1,0 +1,489 @@
+//! One monitor: a strategy instance on its own thread, fed batches of
+//! snapshots through a bounded queue, turning retrain verdicts into durable
+//! signals (with a cooldown per model), reporting stale models, and
+//! checkpointing detector state.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use super::config::MonitorConfig;
+use super::store::{NewSignal, Store};
+use crate::runtime::{ComponentMeta, LoadError, PointBatch, StrategyComponent, StrategyInfo, StrategyInstance, VerdictKind};
+use crate::snapshot::Observation;
+
+/// Upper bounds (seconds) of the strategy call latency histogram.
+pub const LATENCY_BUCKETS: [f64; 10] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0];
+
+/// Counters of one monitor (all monotonic except `queued`).
+#[derive(Debug, Default)]
+pub struct MonitorStats {
+    /// Snapshots selected by this monitor and accepted into its queue.
+    pub points_accepted: AtomicU64,
+    /// Snapshots evaluated by the strategy.
+    pub points_evaluated: AtomicU64,
+    /// `warn` verdicts.
+    pub verdicts_warn: AtomicU64,
+    /// `retrain` verdicts.
+    pub verdicts_retrain: AtomicU64,
+    /// Signals recorded (retrain + stale).
+    pub signals: AtomicU64,
+    /// Retrain verdicts suppressed by the cooldown.
+    pub suppressed: AtomicU64,
+    /// Stale signals.
+    pub stale: AtomicU64,
+    /// Failed strategy calls.
+    pub traps: AtomicU64,
+    /// Fuel used in total.
+    pub fuel: AtomicU64,
+    /// Strategy calls, and their latency histogram (cumulative buckets are
+    /// computed when exported).
+    pub calls: AtomicU64,
+    /// Sum of call latencies in nanoseconds.
+    pub call_nanos: AtomicU64,
+    /// Calls per latency bucket (non-cumulative; the last is +Inf).
+    pub call_buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    /// Batches queued and not yet evaluated.
+    pub queued: AtomicUsize,
+    /// Models currently stale.
+    pub stale_models: AtomicU64,
+    /// The last failure.
+    pub last_error: Mutex<Option<String>>,
+}
+
+/// What `/v1/monitors` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct MonitorStatus {
+    /// Name.
+    pub name: String,
+    /// `running`, `behind` (queue over half full) or `stopped`.
+    pub status: String,
+    /// The strategy.
+    pub strategy: StrategyStatus,
+    /// Model globs.
+    pub models: Vec<String>,
+    /// Shadow monitor.
+    pub shadow: bool,
+    /// Counters.
+    pub points_accepted: u64,
+    /// Counters.
+    pub points_evaluated: u64,
+    /// Accepted but not yet evaluated.
+    pub lag_points: u64,
+    /// Counters.
+    pub verdicts_warn: u64,
+    /// Counters.
+    pub verdicts_retrain: u64,
+    /// Counters.
+    pub signals: u64,
+    /// Counters.
+    pub suppressed: u64,
+    /// Counters.
+    pub traps: u64,
+    /// Batches waiting.
+    pub queued_batches: usize,
+    /// The last failure.
+    pub last_error: Option<String>,
+}
+
+/// Strategy identity in a status.
+#[derive(Debug, Clone, Serialize)]
+pub struct StrategyStatus {
+    /// `builtin:NAME` or path.
+    pub source: String,
+    /// Self-described name.
+    pub name: String,
+    /// Version.
+    pub version: String,
+    /// SHA-256 of the component.
+    pub sha256: String,
+}
+
+/// A running monitor, as the service sees it.
+pub struct Monitor {
+    /// Its configuration.
+    pub config: MonitorConfig,
+    /// Its counters.
+    pub stats: Arc<MonitorStats>,
+    info: StrategyInfo,
+    meta: ComponentMeta,
+    capacity: usize,
+    tx: Mutex<Option<mpsc::Sender<Arc<Vec<Observation>>>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Monitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Monitor").field("name", &self.config.name).finish_non_exhaustive()
+    }
+}
+
+/// Everything a monitor's worker needs to record signals.
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    /// The store.
+    pub store: Store,
+    /// Woken when a signal is recorded.
+    pub wake: Arc<tokio::sync::Notify>,
+}
+
+impl Monitor {
+    /// Loads the strategy, instantiates and configures it, restores saved
+    /// state, and starts the worker thread.
+    ///
+    /// # Errors
+    ///
+    /// [`LoadError`] if the strategy cannot be loaded or configured.
+    pub fn start(
+        config: MonitorConfig,
+        outbox: Outbox,
+        capacity: usize,
+        checkpoint_every: Duration,
+    ) -> Result<Arc<Monitor>, LoadError> {
+        let component = StrategyComponent::load(&config.strategy.parse()?)?;
+        let json = config.config_json();
+        let limits = config.limits.limits();
+        let mut instance = component.instantiate(&json, limits.clone())?;
+        let info = instance.info().clone();
+        let meta = component.meta().clone();
+        restore_states(&mut instance, &outbox.store, &config.name);
+
+        let stats = Arc::new(MonitorStats::default());
+        let (tx, rx) = mpsc::channel();
+        let worker = Worker {
+            config: config.clone(),
+            component,
+            json,
+            instance,
+            outbox,
+            stats: stats.clone(),
+            info: info.clone(),
+            meta: meta.clone(),
+            checkpoint_every,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("monitor-{}", config.name))
+            .spawn(move || worker.run(rx))
+            .map_err(|e| LoadError::Engine(format!("cannot start the monitor thread: {e}")))?;
+        Ok(Arc::new(Monitor {
+            config,
+            stats,
+            info,
+            meta,
+            capacity,
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        }))
+    }
+
+    /// Whether the queue has room for one more batch.
+    pub fn has_room(&self) -> bool {
+        self.stats.queued.load(Ordering::Relaxed) < self.capacity
+    }
+
+    /// Queues a batch (the worker selects its models). `selected` is the
+    /// number of snapshots this monitor selects in it.
+    pub fn enqueue(&self, batch: Arc<Vec<Observation>>, selected: u64) -> bool {
+        let tx = self.tx.lock();
+        let Some(tx) = tx.as_ref() else { return false };
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        self.stats.points_accepted.fetch_add(selected, Ordering::Relaxed);
+        if tx.send(batch).is_err() {
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Stops accepting batches, lets the worker drain its queue and
+    /// checkpoint, and waits for it.
+    pub fn stop(&self) {
+        self.tx.lock().take();
+        if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
+        }
+    }
+
+    /// The status shown by the API.
+    pub fn status(&self) -> MonitorStatus {
+        let s = &self.stats;
+        let queued = s.queued.load(Ordering::Relaxed);
+        let accepted = s.points_accepted.load(Ordering::Relaxed);
+        let evaluated = s.points_evaluated.load(Ordering::Relaxed);
+        let running = self.tx.lock().is_some();
+        MonitorStatus {
+            name: self.config.name.clone(),
+            status: if !running {
+                "stopped".into()
+            } else if queued * 2 > self.capacity {
+                "behind".into()
+            } else {
+                "running".into()
+            },
+            strategy: StrategyStatus {
+                source: self.meta.label.clone(),
+                name: self.info.name.clone(),
+                version: self.info.version.clone(),
+                sha256: self.meta.sha256.clone(),
+            },
+            models: self.config.models.clone(),
+            shadow: self.config.shadow,
+            points_accepted: accepted,
+            points_evaluated: evaluated,
+            lag_points: accepted.saturating_sub(evaluated),
+            verdicts_warn: s.verdicts_warn.load(Ordering::Relaxed),
+            verdicts_retrain: s.verdicts_retrain.load(Ordering::Relaxed),
+            signals: s.signals.load(Ordering::Relaxed),
+            suppressed: s.suppressed.load(Ordering::Relaxed),
+            traps: s.traps.load(Ordering::Relaxed),
+            queued_batches: queued,
+            last_error: s.last_error.lock().clone(),
+        }
+    }
+}
+
+fn restore_states(instance: &mut StrategyInstance, store: &Store, monitor: &str) {
+    let states = match store.load_states(monitor) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(monitor, "cannot read saved detector state: {e}; starting fresh");
+            return;
+        }
+    };
+    for (model, _sha, bytes) in states {
+        match instance.restore(&model, &bytes) {
+            Ok(Ok(())) => tracing::info!(monitor, model = %model, "detector state restored"),
+            Ok(Err(why)) => tracing::warn!(monitor, model = %model, "saved state not accepted ({why}); starting fresh"),
+            Err(e) => tracing::error!(monitor, model = %model, "restoring state failed: {e}; starting fresh"),
+        }
+    }
+}
+
+struct Worker {
+    config: MonitorConfig,
+    component: StrategyComponent,
+    json: String,
+    instance: StrategyInstance,
+    outbox: Outbox,
+    stats: Arc<MonitorStats>,
+    info: StrategyInfo,
+    meta: ComponentMeta,
+    checkpoint_every: Duration,
+}
+
+impl Worker {
+    fn run(mut self, rx: mpsc::Receiver<Arc<Vec<Observation>>>) {
+        let mut selected: HashMap<String, bool> = HashMap::new();
+        let mut last_signal: HashMap<String, Instant> = HashMap::new();
+        let mut last_seen: HashMap<String, Instant> = HashMap::new();
+        let mut stale: HashSet<String> = HashSet::new();
+        let mut last_checkpoint = Instant::now();
+        let tick = self.config.stale_after.map_or(Duration::from_millis(500), |s| (s / 4).max(Duration::from_millis(10)));
+        loop {
+            match rx.recv_timeout(tick.min(self.checkpoint_every)) {
+                Ok(batch) => {
+                    self.evaluate(&batch, &mut selected, &mut last_signal, &mut last_seen, &mut stale);
+                    self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            if let Some(after) = self.config.stale_after {
+                self.check_stale(after, &last_seen, &mut stale);
+            }
+            if last_checkpoint.elapsed() >= self.checkpoint_every {
+                self.checkpoint();
+                last_checkpoint = Instant::now();
+            }
+        }
+        self.checkpoint();
+        tracing::info!(monitor = %self.config.name, "monitor stopped after draining its queue");
+    }
+
+    fn evaluate(
+        &mut self,
+        batch: &[Observation],
+        selected: &mut HashMap<String, bool>,
+        last_signal: &mut HashMap<String, Instant>,
+        last_seen: &mut HashMap<String, Instant>,
+        stale: &mut HashSet<String>,
+    ) {
+        let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        for (i, o) in batch.iter().enumerate() {
+            let model = o.snapshot.model_version.as_str();
+            let wanted = match selected.get(model) {
+                Some(&w) => w,
+                None => {
+                    let w = self.config.selects(model);
+                    selected.insert(model.to_string(), w);
+                    w
+                }
+            };
+            if !wanted {
+                continue;
+            }
+            let g = *index.entry(model).or_insert_with(|| {
+                groups.push((model, Vec::new()));
+                groups.len() - 1
+            });
+            groups[g].1.push(i);
+        }
+        let now = Instant::now();
+        let mut points = PointBatch::new();
+        for (model, positions) in groups {
+            last_seen.insert(model.to_string(), now);
+            if stale.remove(model) {
+                self.stats.stale_models.fetch_sub(1, Ordering::Relaxed);
+            }
+            points.clear();
+            for &i in &positions {
+                points.push(&batch[i]);
+            }
+            let started = Instant::now();
+            let result = self.instance.evaluate(model, &points);
+            self.observe_call(started.elapsed());
+            let verdicts = match result {
+                Ok(v) => v,
+                Err(e) => {
+                    self.stats.traps.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(monitor = %self.config.name, model, "{e}; the batch's verdicts are lost, restarting the strategy from the last checkpoint");
+                    *self.stats.last_error.lock() = Some(e.to_string());
+                    self.restart();
+                    self.stats.points_evaluated.fetch_add(positions.len() as u64, Ordering::Relaxed);
+                    continue;
+                }
+            };
+            self.stats.points_evaluated.fetch_add(positions.len() as u64, Ordering::Relaxed);
+            for v in verdicts {
+                let obs = &batch[positions[v.index]];
+                match v.kind {
+                    VerdictKind::Warn => {
+                        self.stats.verdicts_warn.fetch_add(1, Ordering::Relaxed);
+                    }
+                    VerdictKind::Retrain => {
+                        self.stats.verdicts_retrain.fetch_add(1, Ordering::Relaxed);
+                        let now = Instant::now();
+                        if let Some(at) = last_signal.get(model)
+                            && now.duration_since(*at) < self.config.cooldown
+                        {
+                            self.stats.suppressed.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        last_signal.insert(model.to_string(), now);
+                        let signal = self.signal(model, "retrain", v.reason, obs);
+                        self.record(&signal);
+                    }
+                }
+            }
+        }
+    }
+
+    fn observe_call(&self, took: Duration) {
+        let s = &self.stats;
+        s.calls.fetch_add(1, Ordering::Relaxed);
+        s.call_nanos.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        s.fuel.fetch_add(self.instance.last_fuel(), Ordering::Relaxed);
+        let secs = took.as_secs_f64();
+        let bucket = LATENCY_BUCKETS.iter().position(|&b| secs <= b).unwrap_or(LATENCY_BUCKETS.len());
+        s.call_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn signal(&self, model: &str, kind: &str, reason: String, obs: &Observation) -> NewSignal {
+        NewSignal {
+            monitor: self.config.name.clone(),
+            model_version: model.to_string(),
+            kind: kind.to_string(),
+            reason,
+            score: obs.snapshot.score,
+            timestamp: obs.snapshot.timestamp_ms(),
+            strategy: self.info.name.clone(),
+            strategy_version: self.info.version.clone(),
+            strategy_sha256: self.meta.sha256.clone(),
+            fuel: self.instance.last_fuel(),
+            snapshot: serde_json::to_value(obs).unwrap_or(serde_json::Value::Null),
+            shadow: self.config.shadow,
+        }
+    }
+
+    fn record(&self, signal: &NewSignal) {
+        let kinds: Vec<&str> = self.config.actions.iter().map(|a| a.kind()).collect();
+        match self.outbox.store.record_signal(signal, &kinds) {
+            Ok(id) => {
+                self.stats.signals.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(monitor = %signal.monitor, model = %signal.model_version, kind = %signal.kind, id, "signal recorded: {}", signal.reason);
+                self.outbox.wake.notify_one();
+            }
+            Err(e) => {
+                tracing::error!(monitor = %signal.monitor, "cannot record a signal: {e}");
+                *self.stats.last_error.lock() = Some(e.to_string());
+            }
+        }
+    }
+
+    fn check_stale(&self, after: Duration, last_seen: &HashMap<String, Instant>, stale: &mut HashSet<String>) {
+        for (model, seen) in last_seen {
+            let silent = seen.elapsed();
+            if silent > after && !stale.contains(model) {
+                stale.insert(model.clone());
+                self.stats.stale.fetch_add(1, Ordering::Relaxed);
+                self.stats.stale_models.fetch_add(1, Ordering::Relaxed);
+                let signal = NewSignal {
+                    monitor: self.config.name.clone(),
+                    model_version: model.clone(),
+                    kind: "stale".into(),
+                    reason: format!(
+                        "no snapshot of `{model}` for {} (stale_after {})",
+                        humantime::format_duration(Duration::from_millis(silent.as_millis() as u64)),
+                        humantime::format_duration(after)
+                    ),
+                    score: 0.0,
+                    timestamp: super::store::now_ms(),
+                    strategy: self.info.name.clone(),
+                    strategy_version: self.info.version.clone(),
+                    strategy_sha256: self.meta.sha256.clone(),
+                    fuel: 0,
+                    snapshot: serde_json::Value::Null,
+                    shadow: self.config.shadow,
+                };
+                self.record(&signal);
+            }
+        }
+    }
+
+    fn checkpoint(&mut self) {
+        if self.instance.is_poisoned() {
+            return;
+        }
+        let models: Vec<String> = self.instance.models().map(str::to_string).collect();
+        let mut states = Vec::with_capacity(models.len());
+        for model in models {
+            match self.instance.save(&model) {
+                Ok(Some(bytes)) => states.push((model, bytes)),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(monitor = %self.config.name, "checkpoint failed: {e}");
+                    return;
+                }
+            }
+        }
+        if let Err(e) = self.outbox.store.save_states(&self.config.name, &self.meta.sha256, &states) {
+            tracing::error!(monitor = %self.config.name, "checkpoint failed: {e}");
+        }
+    }
+
+    fn restart(&mut self) {
+        match self.component.instantiate(&self.json, self.config.limits.limits()) {
+            Ok(mut fresh) => {
+                restore_states(&mut fresh, &self.outbox.store, &self.config.name);
+                self.instance = fresh;
+            }
+            Err(e) => tracing::error!(monitor = %self.config.name, "cannot restart the strategy: {e}"),
+        }
+    }
+}
