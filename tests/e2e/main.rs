@@ -5,4 +5,5 @@ mod cli;
 mod detectors;
 mod river;
 mod runtime;
+mod service;
 mod util;

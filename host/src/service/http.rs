@@ -102,8 +102,9 @@ fn parse_body(body: &[u8], ndjson: bool, service: &Service) -> Result<Vec<Observ
     let received = SystemTime::now();
     let trimmed = text.trim_start();
     if !ndjson && trimmed.starts_with('[') {
-        let values: Vec<serde_json::Value> = serde_json::from_str(text)
-            .map_err(|e| refuse(vec![json!({"reason": format!("not a JSON array: {e}")})], 1))?;
+        // Each element is parsed on its own, so that an error names its index.
+        let values: Vec<&serde_json::value::RawValue> = serde_json::from_str(text)
+            .map_err(|e| refuse(vec![json!({"reason": format!("not a JSON array of objects: {e}")})], 1))?;
         if values.len() > MAX_SNAPSHOTS_PER_REQUEST {
             return Err(error(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -114,8 +115,8 @@ fn parse_body(body: &[u8], ndjson: bool, service: &Service) -> Result<Vec<Observ
         let mut out = Vec::with_capacity(total);
         let mut errors = Vec::new();
         for (index, v) in values.into_iter().enumerate() {
-            match Observation::from_value(v, received) {
-                Ok(o) => out.push(o),
+            match ObservationRef::from_json(v.get(), received) {
+                Ok(o) => out.push(o.into_observation()),
                 Err(e) => errors.push(json!({"index": index, "reason": e.to_string()})),
             }
         }
