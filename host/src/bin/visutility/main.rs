@@ -3,6 +3,7 @@
 
 mod demo;
 mod inspect;
+mod loadgen;
 mod replay;
 mod run;
 
@@ -40,6 +41,9 @@ enum Command {
     Validate(inspect::ValidateArgs),
     /// List the strategies bundled in this binary.
     Strategies,
+    /// Load-test a running service: post NDJSON batches, report
+    /// snapshots/s, latency percentiles and loss.
+    Loadgen(loadgen::LoadgenArgs),
 }
 
 /// An error with the exit code it maps to.
@@ -71,6 +75,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::inspect(args),
         Command::Validate(args) => inspect::validate(args),
         Command::Strategies => inspect::strategies(),
+        Command::Loadgen(args) => loadgen::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
