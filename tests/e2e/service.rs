@@ -402,3 +402,56 @@ fn run_check_validates_the_config_and_its_strategies() {
     env.run(&["run", "--config", "secret.toml", "--check"]).fails_with(2, "secret_env");
     let _ = Path::new("unused");
 }
+
+#[test]
+fn failed_deliveries_are_retried_with_backoff_and_recorded() {
+    // A webhook that fails its first call, then accepts.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let hook = listener.local_addr().unwrap();
+    let (tx, calls) = mpsc::channel();
+    std::thread::spawn(move || {
+        for (n, conn) in listener.incoming().enumerate() {
+            let Ok(mut conn) = conn else { continue };
+            let mut buf = [0u8; 65536];
+            let _ = conn.read(&mut buf);
+            let status = if n == 0 { "500 Internal Server Error" } else { "204 No Content" };
+            let _ = conn.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes());
+            let _ = tx.send(Instant::now());
+        }
+    });
+    let env = Env::new();
+    let server = Server::start(
+        &env,
+        &format!(
+            r#"
+[[monitor]]
+name = "m"
+strategy = "builtin:baseline"
+config = {{ baseline = 0.9 }}
+[[monitor.action]]
+kind = "webhook"
+url = "http://{hook}/x"
+[[monitor.action]]
+kind = "exec"
+argv = ["sleep", "5"]
+timeout = "200ms"
+max_attempts = 2
+"#
+        ),
+        &[],
+    );
+    assert_eq!(server.post_ndjson(&[snap("a", 0.5)]).0, 202);
+    let first = calls.recv_timeout(Duration::from_secs(20)).unwrap();
+    let second = calls.recv_timeout(Duration::from_secs(20)).unwrap();
+    let gap = second - first;
+    assert!(gap >= Duration::from_millis(300), "retried after {gap:?}: no back-off");
+    let deliveries = wait_for("final states", Duration::from_secs(20), || {
+        let d = server.signals()[0]["deliveries"].as_array().unwrap().clone();
+        (d[0]["state"] == "delivered" && d[1]["state"] == "failed").then_some(d)
+    });
+    assert_eq!(deliveries[0]["attempts"], 2);
+    assert!(deliveries[0]["last_error"].is_null());
+    assert_eq!(deliveries[1]["attempts"], 2);
+    assert!(deliveries[1]["last_error"].as_str().unwrap().contains("timed out"), "{deliveries:?}");
+    assert_eq!(metric(&server, "visutility_deliveries{state=\"failed\"}"), 1.0);
+}
