@@ -2,7 +2,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
 use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -359,13 +358,13 @@ fn metrics_scrape_follows_the_prometheus_text_format() {
         assert!(value.parse::<f64>().is_ok() || value == "+Inf", "bad value in {line:?}");
         let name = series.split('{').next().unwrap();
         assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "bad name {name:?}");
-        if let Some(labels) = series.strip_prefix(name) {
-            if !labels.is_empty() {
-                assert!(labels.starts_with('{') && labels.ends_with('}'), "bad labels {line:?}");
-                for pair in labels[1..labels.len() - 1].split(',') {
-                    let (k, v) = pair.split_once('=').unwrap();
-                    assert!(!k.is_empty() && v.starts_with('"') && v.ends_with('"'), "bad label {pair:?}");
-                }
+        if let Some(labels) = series.strip_prefix(name)
+            && !labels.is_empty()
+        {
+            assert!(labels.starts_with('{') && labels.ends_with('}'), "bad labels {line:?}");
+            for pair in labels[1..labels.len() - 1].split(',') {
+                let (k, v) = pair.split_once('=').unwrap();
+                assert!(!k.is_empty() && v.starts_with('"') && v.ends_with('"'), "bad label {pair:?}");
             }
         }
         let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).filter(|b| typed.get(*b).is_some_and(|k| k == "histogram")).unwrap_or(name);
@@ -400,7 +399,6 @@ fn run_check_validates_the_config_and_its_strategies() {
     env.run(&["run", "--config", "bad-strategy-config.toml", "--check"]).fails_with(2, "monitor `m`");
     env.write("secret.toml", "[[monitor]]\nname = \"m\"\nstrategy = \"builtin:cusum\"\n[[monitor.action]]\nkind = \"webhook\"\nurl = \"http://x\"\nsecret = \"p\"\n");
     env.run(&["run", "--config", "secret.toml", "--check"]).fails_with(2, "secret_env");
-    let _ = Path::new("unused");
 }
 
 #[test]

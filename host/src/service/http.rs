@@ -56,7 +56,7 @@ async fn ingest(State(service): State<Arc<Service>>, headers: HeaderMap, body: B
     let parsed = tokio::task::spawn_blocking(move || parse_body(&body, ndjson, &service2)).await;
     let observations = match parsed {
         Ok(Ok(obs)) => obs,
-        Ok(Err(resp)) => return resp,
+        Ok(Err(resp)) => return *resp,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()})),
     };
     let count = observations.len();
@@ -83,14 +83,14 @@ fn unavailable(message: &str, retry_after: u32) -> Response {
 
 /// Parses an object, an array, or NDJSON; any bad entry refuses the whole
 /// body with every bad entry's position and reason.
-fn parse_body(body: &[u8], ndjson: bool, service: &Service) -> Result<Vec<Observation>, Response> {
+fn parse_body(body: &[u8], ndjson: bool, service: &Service) -> Result<Vec<Observation>, Box<Response>> {
     let refuse = |errors: Vec<serde_json::Value>, total: usize| {
         service.metrics.refused.fetch_add(total as u64, Ordering::Relaxed);
         let shown: Vec<_> = errors.iter().take(MAX_LISTED_ERRORS).cloned().collect();
-        error(
+        Box::new(error(
             StatusCode::BAD_REQUEST,
             json!({"error": format!("{} bad snapshot(s); nothing of this request was accepted", errors.len()), "errors": shown}),
-        )
+        ))
     };
     let text = match std::str::from_utf8(body) {
         Ok(t) => t,
@@ -106,10 +106,10 @@ fn parse_body(body: &[u8], ndjson: bool, service: &Service) -> Result<Vec<Observ
         let values: Vec<&serde_json::value::RawValue> = serde_json::from_str(text)
             .map_err(|e| refuse(vec![json!({"reason": format!("not a JSON array of objects: {e}")})], 1))?;
         if values.len() > MAX_SNAPSHOTS_PER_REQUEST {
-            return Err(error(
+            return Err(Box::new(error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 json!({"error": format!("{} snapshots; at most {MAX_SNAPSHOTS_PER_REQUEST} per request", values.len())}),
-            ));
+            )));
         }
         let total = values.len();
         let mut out = Vec::with_capacity(total);
@@ -133,10 +133,10 @@ fn parse_body(body: &[u8], ndjson: bool, service: &Service) -> Result<Vec<Observ
         }
         total += 1;
         if total > MAX_SNAPSHOTS_PER_REQUEST {
-            return Err(error(
+            return Err(Box::new(error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 json!({"error": format!("more than {MAX_SNAPSHOTS_PER_REQUEST} snapshots per request")}),
-            ));
+            )));
         }
         match ObservationRef::from_json(line, received) {
             Ok(o) => out.push(o.into_observation()),
