@@ -281,6 +281,32 @@ impl std::fmt::Display for Watch {
     }
 }
 
+/// Which direction of change a detector reports: `"up"`, `"down"` or
+/// `"both"` (the default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Increases only.
+    Up,
+    /// Decreases only.
+    Down,
+    /// Both.
+    #[default]
+    Both,
+}
+
+impl Direction {
+    /// Whether increases are reported.
+    pub fn up(self) -> bool {
+        self != Direction::Down
+    }
+
+    /// Whether decreases are reported.
+    pub fn down(self) -> bool {
+        self != Direction::Up
+    }
+}
+
 /// Runs `detector` over columns the way the WASM glue does, calling `emit`
 /// with the index, `true` for retrain / `false` for warn, and the reason of
 /// every non-healthy point. Public so that native benchmarks measure exactly
@@ -351,6 +377,24 @@ pub mod stats {
         pub fn std(&self) -> f64 {
             if self.n < 2 { 0.0 } else { (self.m2 / (self.n - 1) as f64).sqrt() }
         }
+    }
+
+    /// Checks a target/sigma/warm-up triple as [`Reference`] uses it.
+    ///
+    /// # Errors
+    ///
+    /// A message naming the field.
+    pub fn check_reference(target: Option<f64>, sigma: Option<f64>, warmup: u32) -> Result<(), String> {
+        if target.is_some_and(|t| !t.is_finite()) {
+            return Err("`target` must be a finite number".into());
+        }
+        if sigma.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
+            return Err("`sigma` must be a finite number > 0".into());
+        }
+        if (target.is_none() || sigma.is_none()) && warmup < 2 {
+            return Err("`warmup` must be at least 2 to learn the target and sigma".into());
+        }
+        Ok(())
     }
 
     /// A target mean and standard deviation, given in the config or learnt

@@ -25,20 +25,8 @@
 //! | `watch` | `"score"` | `"score"`, `"loss"` or `"metrics.<name>"` |
 
 use serde::{Deserialize, Serialize};
-use visutility_strategy::stats::Reference;
-use visutility_strategy::{Detector, Point, Verdict, Watch, export_strategy};
-
-/// Which shifts to detect.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    /// Increases only.
-    Up,
-    /// Decreases only.
-    Down,
-    /// Both.
-    Both,
-}
+use visutility_strategy::stats::{Reference, check_reference};
+use visutility_strategy::{Detector, Direction, Point, Verdict, Watch, export_strategy};
 
 /// Configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -113,15 +101,7 @@ impl Detector for Cusum {
     }
 
     fn validate(c: &Config) -> Result<(), String> {
-        if c.target.is_some_and(|t| !t.is_finite()) {
-            return Err("`target` must be a finite number".into());
-        }
-        if c.sigma.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
-            return Err("`sigma` must be a finite number > 0".into());
-        }
-        if (c.target.is_none() || c.sigma.is_none()) && c.warmup < 2 {
-            return Err("`warmup` must be at least 2 to learn the target and sigma".into());
-        }
+        check_reference(c.target, c.sigma, c.warmup)?;
         if !(c.k.is_finite() && c.k >= 0.0) {
             return Err(format!("`k` must be a finite number >= 0, got {}", c.k));
         }
@@ -144,10 +124,10 @@ impl Detector for Cusum {
         let Some(x) = p.value(&self.cfg.watch) else { return Verdict::Healthy };
         let Some((mu, sigma)) = self.reference.observe(x) else { return Verdict::Healthy };
         let slack = self.cfg.k * sigma;
-        if self.cfg.direction != Direction::Down {
+        if self.cfg.direction.up() {
             self.upper = (self.upper + (x - mu) - slack).max(0.0);
         }
-        if self.cfg.direction != Direction::Up {
+        if self.cfg.direction.down() {
             self.lower = (self.lower + (mu - x) - slack).max(0.0);
         }
         let (name, sum) = if self.upper >= self.lower { ("S+ (upward shift)", self.upper) } else { ("S- (downward shift)", self.lower) };

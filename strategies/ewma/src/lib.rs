@@ -19,20 +19,8 @@
 //! | `watch` | `"score"` | `"score"`, `"loss"` or `"metrics.<name>"` |
 
 use serde::{Deserialize, Serialize};
-use visutility_strategy::stats::Reference;
-use visutility_strategy::{Detector, Point, Verdict, Watch, export_strategy};
-
-/// Which shifts to detect.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    /// Increases only.
-    Up,
-    /// Decreases only.
-    Down,
-    /// Both.
-    Both,
-}
+use visutility_strategy::stats::{Reference, check_reference};
+use visutility_strategy::{Detector, Direction, Point, Verdict, Watch, export_strategy};
 
 /// Configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -121,15 +109,7 @@ impl Detector for Ewma {
         {
             return Err(format!("`warn_L` must be > 0 and below `L` ({}), got {w}", c.l));
         }
-        if c.sigma.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
-            return Err("`sigma` must be a finite number > 0".into());
-        }
-        if c.target.is_some_and(|t| !t.is_finite()) {
-            return Err("`target` must be a finite number".into());
-        }
-        if (c.target.is_none() || c.sigma.is_none()) && c.warmup < 2 {
-            return Err("`warmup` must be at least 2 to learn the target and sigma".into());
-        }
+        check_reference(c.target, c.sigma, c.warmup)?;
         Ok(())
     }
 
@@ -146,11 +126,7 @@ impl Detector for Ewma {
         self.t += 1;
         let sigma_z = sigma * (lambda / (2.0 - lambda) * (1.0 - (1.0 - lambda).powf(2.0 * self.t as f64))).sqrt();
         let dev = z - mu;
-        let counts = match self.cfg.direction {
-            Direction::Up => dev > 0.0,
-            Direction::Down => dev < 0.0,
-            Direction::Both => true,
-        };
+        let counts = (dev > 0.0 && self.cfg.direction.up()) || (dev < 0.0 && self.cfg.direction.down());
         if !counts {
             return Verdict::Healthy;
         }

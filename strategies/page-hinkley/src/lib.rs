@@ -21,19 +21,7 @@
 //! | `watch` | `"score"` | `"score"`, `"loss"` or `"metrics.<name>"` |
 
 use serde::{Deserialize, Serialize};
-use visutility_strategy::{Detector, Point, Verdict, Watch, export_strategy};
-
-/// Which direction of change to detect.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Increases of the mean.
-    Up,
-    /// Decreases of the mean.
-    Down,
-    /// Both.
-    Both,
-}
+use visutility_strategy::{Detector, Direction, Point, Verdict, Watch, export_strategy};
 
 /// Configuration (River's parameter names).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -48,14 +36,14 @@ pub struct Config {
     /// Forgetting factor.
     pub alpha: f64,
     /// Direction(s) to detect.
-    pub mode: Mode,
+    pub mode: Direction,
     /// The watched value.
     pub watch: Watch,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { min_instances: 30, delta: 0.005, threshold: 50.0, alpha: 1.0 - 0.0001, mode: Mode::Both, watch: Watch::Score }
+        Config { min_instances: 30, delta: 0.005, threshold: 50.0, alpha: 1.0 - 0.0001, mode: Direction::Both, watch: Watch::Score }
     }
 }
 
@@ -140,11 +128,7 @@ impl PageHinkley {
             let up = self.sum_increase - self.min_increase;
             let down = self.max_decrease - self.sum_decrease;
             let t = self.cfg.threshold;
-            self.drift_detected = match self.cfg.mode {
-                Mode::Up => up > t,
-                Mode::Down => down > t,
-                Mode::Both => up > t || down > t,
-            };
+            self.drift_detected = (self.cfg.mode.up() && up > t) || (self.cfg.mode.down() && down > t);
             if self.drift_detected {
                 return Some((up, down));
             }
@@ -189,7 +173,7 @@ impl Detector for PageHinkley {
         match self.update_value(x) {
             None => Verdict::Healthy,
             Some((up, down)) => {
-                let (dir, stat) = if down > self.cfg.threshold && self.cfg.mode != Mode::Up {
+                let (dir, stat) = if down > self.cfg.threshold && self.cfg.mode.down() {
                     ("decrease", down)
                 } else {
                     ("increase", up)
