@@ -453,3 +453,80 @@ max_attempts = 2
     assert!(deliveries[1]["last_error"].as_str().unwrap().contains("timed out"), "{deliveries:?}");
     assert_eq!(metric(&server, "visutility_deliveries{state=\"failed\"}"), 1.0);
 }
+
+#[test]
+fn a_failing_strategy_is_recorded_restarted_then_quarantined_and_resumable() {
+    let env = Env::new();
+    let hostile = crate::util::guest("hostile");
+    let server = Server::start(
+        &env,
+        &format!(
+            r#"
+[[monitor]]
+name = "good"
+strategy = "builtin:baseline"
+config = {{ baseline = 0.9 }}
+
+[[monitor]]
+name = "bad"
+strategy = "{hostile}"
+config = {{ mode = "panic" }}
+max_failures = 3
+restart_backoff = "10ms"
+[[monitor.action]]
+kind = "exec"
+argv = ["sh", "-c", "cat > quarantine.json"]
+"#
+        ),
+        &[("VISUTILITY_ADMIN_TOKEN", "tok")],
+    );
+    for _ in 0..3 {
+        assert_eq!(server.post_ndjson(&[snap("a", 0.95), snap("a", 0.96)]).0, 202);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = wait_for("quarantine", Duration::from_secs(20), || {
+        Some(server.get_json("/v1/monitors/bad")).filter(|s| s["status"] == "quarantined")
+    });
+    assert_eq!(status["traps"], 3);
+    let last_error = status["last_error"].as_str().unwrap();
+    assert!(last_error.contains("monitor `bad`") && last_error.contains("hostile") && last_error.contains("trap"), "{last_error}");
+    assert_eq!(metric(&server, "visutility_monitor_quarantined{monitor=\"bad\"}"), 1.0);
+
+    // The batch that caused each failure is kept for debugging.
+    let failures = server.get_json("/v1/failures?monitor=bad");
+    let failures = failures["failures"].as_array().unwrap();
+    assert_eq!(failures.len(), 3);
+    assert_eq!(failures[0]["fault"], "trap");
+    assert_eq!(failures[0]["batch"].as_str().unwrap().lines().count(), 2);
+
+    // Quarantine is a signal through the outbox and its actions.
+    let notice: Value = serde_json::from_str(&wait_for("quarantine action", Duration::from_secs(20), || {
+        std::fs::read_to_string(env.path("quarantine.json")).ok().filter(|s| !s.is_empty())
+    }))
+    .unwrap();
+    assert_eq!(notice["kind"], "quarantined");
+
+    // The other monitor is unaffected; a quarantined one skips (counted).
+    assert_eq!(server.post_ndjson(&[snap("a", 0.5)]).0, 202);
+    wait_for("good evaluates", Duration::from_secs(10), || {
+        (metric(&server, "visutility_points_evaluated_total{monitor=\"good\"}") == 7.0).then_some(())
+    });
+    wait_for("bad skips", Duration::from_secs(10), || {
+        (metric(&server, "visutility_points_skipped_total{monitor=\"bad\"}") == 1.0).then_some(())
+    });
+
+    // Resume needs the admin token.
+    assert_eq!(server.request("POST", "/v1/monitors/bad/resume", "", b"").0, 401);
+    let (status, body) = http_with_auth(server.addr, "/v1/monitors/bad/resume", "tok");
+    assert_eq!(status, 202, "{body}");
+    wait_for("resumed", Duration::from_secs(10), || (server.get_json("/v1/monitors/bad")["status"] == "running").then_some(()));
+    assert_eq!(metric(&server, "visutility_monitor_quarantined{monitor=\"bad\"}"), 0.0);
+}
+
+fn http_with_auth(addr: SocketAddr, path: &str, token: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(s, "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    (resp.split_whitespace().nth(1).unwrap().parse().unwrap(), resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}

@@ -256,6 +256,21 @@ pub enum StrategyFault {
     Poisoned,
 }
 
+impl StrategyFault {
+    /// A stable snake_case name of the fault kind, for metrics and records.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StrategyFault::OutOfFuel { .. } => "out_of_fuel",
+            StrategyFault::Deadline { .. } => "deadline",
+            StrategyFault::MemoryCap { .. } => "memory_cap",
+            StrategyFault::StackOverflow => "stack_overflow",
+            StrategyFault::Trap(_) => "trap",
+            StrategyFault::Contract(_) => "contract",
+            StrategyFault::Poisoned => "poisoned",
+        }
+    }
+}
+
 /// A failed strategy call, naming the strategy and the call.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("strategy `{strategy}` failed in `{call}`: {fault}")]

@@ -55,6 +55,10 @@ pub struct ServiceConfig {
     /// Largest accepted request body, in bytes.
     #[serde(default = "default_body")]
     pub max_body_bytes: usize,
+    /// Environment variable holding the bearer token of the admin endpoints
+    /// (`POST /v1/monitors/{name}/resume`); unset means they are disabled.
+    #[serde(default = "default_admin_token_env")]
+    pub admin_token_env: String,
     /// The monitors.
     #[serde(default, rename = "monitor")]
     pub monitors: Vec<MonitorConfig>,
@@ -86,6 +90,14 @@ pub struct MonitorConfig {
     /// Record verdicts as shadow signals; never run actions.
     #[serde(default)]
     pub shadow: bool,
+    /// Consecutive failed calls (trap, out of fuel, deadline, memory cap)
+    /// after which the monitor is quarantined.
+    #[serde(default = "default_max_failures")]
+    pub max_failures: u32,
+    /// First delay before re-creating a failed strategy instance; doubled
+    /// per consecutive failure (at most 30 s).
+    #[serde(default = "default_restart_backoff", deserialize_with = "duration")]
+    pub restart_backoff: Duration,
     /// What to do with a signal.
     #[serde(default, rename = "action")]
     pub actions: Vec<ActionConfig>,
@@ -196,6 +208,7 @@ impl ServiceConfig {
             queue_batches: default_queue(),
             checkpoint_every: default_checkpoint(),
             max_body_bytes: default_body(),
+            admin_token_env: default_admin_token_env(),
             monitors: vec![MonitorConfig {
                 name: "default".into(),
                 models: all_models(),
@@ -208,6 +221,8 @@ impl ServiceConfig {
                 cooldown: default_cooldown(),
                 stale_after: None,
                 shadow: false,
+                max_failures: default_max_failures(),
+                restart_backoff: default_restart_backoff(),
                 actions: vec![ActionConfig::Log],
             }],
         }
@@ -246,6 +261,9 @@ impl ServiceConfig {
             }
             if !names.insert(m.name.as_str()) {
                 return Err(format!("{at}: `name` is used by another monitor"));
+            }
+            if m.max_failures == 0 {
+                return Err(format!("{at}: `max_failures` must be at least 1"));
             }
             if m.models.is_empty() {
                 return Err(format!("{at}: `models` is empty, so the monitor would never see a snapshot"));
@@ -340,6 +358,15 @@ fn default_exec_timeout() -> Duration {
 }
 fn default_webhook_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_max_failures() -> u32 {
+    5
+}
+fn default_restart_backoff() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_admin_token_env() -> String {
+    "VISUTILITY_ADMIN_TOKEN".into()
 }
 fn default_attempts() -> u32 {
     8

@@ -31,7 +31,9 @@ pub fn router(service: Arc<Service>) -> Router {
         .route("/v1/snapshots", post(ingest))
         .route("/v1/monitors", get(monitors))
         .route("/v1/monitors/{name}", get(monitor))
+        .route("/v1/monitors/{name}/resume", post(resume))
         .route("/v1/signals", get(signals))
+        .route("/v1/failures", get(failures))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
@@ -158,6 +160,58 @@ async fn monitor(State(service): State<Arc<Service>>, Path(name): Path<String>) 
     }
 }
 
+/// Checks `Authorization: Bearer <token>` against the admin token.
+fn admin(service: &Service, headers: &HeaderMap) -> Result<(), Response> {
+    let var = &service.config.admin_token_env;
+    let Some(token) = std::env::var(var).ok().filter(|t| !t.is_empty()) else {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            json!({"error": format!("admin endpoints are disabled: set the environment variable `{var}` to a token")}),
+        ));
+    };
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    // Constant-time comparison of equal-length tokens.
+    let ok = given.is_some_and(|g| g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0);
+    if ok {
+        Ok(())
+    } else {
+        Err(error(StatusCode::UNAUTHORIZED, json!({"error": "missing or wrong admin bearer token"})))
+    }
+}
+
+async fn resume(State(service): State<Arc<Service>>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+    if let Err(resp) = admin(&service, &headers) {
+        return resp;
+    }
+    match service.monitors.iter().find(|m| m.config.name == name) {
+        None => error(StatusCode::NOT_FOUND, json!({"error": format!("no monitor named `{name}`")})),
+        Some(m) if !m.quarantined() => error(StatusCode::CONFLICT, json!({"error": format!("monitor `{name}` is not quarantined")})),
+        Some(m) => {
+            if m.resume() {
+                (StatusCode::ACCEPTED, axum::Json(json!({"resumed": name}))).into_response()
+            } else {
+                error(StatusCode::SERVICE_UNAVAILABLE, json!({"error": format!("monitor `{name}` is stopped")}))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailuresParams {
+    monitor: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn failures(State(service): State<Arc<Service>>, Query(p): Query<FailuresParams>) -> Response {
+    let store = service.store.clone();
+    match tokio::task::spawn_blocking(move || store.failures(p.monitor.as_deref(), p.limit.unwrap_or(20))).await {
+        Ok(Ok(list)) => axum::Json(json!({ "failures": list })).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()})),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()})),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SignalsParams {
@@ -222,15 +276,19 @@ async fn metrics(State(service): State<Arc<Service>>) -> Response {
         m.rejected_busy.load(Ordering::Relaxed),
     );
     type Field = fn(&super::monitor::MonitorStats) -> u64;
-    let per_monitor: [(&str, &str, &str, Field); 9] = [
+    let per_monitor: [(&str, &str, &str, Field); 11] = [
+        ("visutility_monitor_quarantined", "gauge", "1 when the monitor is quarantined.", |s| u64::from(s.quarantined.load(Ordering::Relaxed))),
+        ("visutility_points_skipped_total", "counter", "Snapshots not evaluated while quarantined.", |s| s.points_skipped.load(Ordering::Relaxed)),
         ("visutility_points_accepted_total", "counter", "Snapshots queued for a monitor.", |s| s.points_accepted.load(Ordering::Relaxed)),
         ("visutility_points_evaluated_total", "counter", "Snapshots evaluated by a monitor's strategy.", |s| s.points_evaluated.load(Ordering::Relaxed)),
         ("visutility_signals_suppressed_total", "counter", "Retrain verdicts suppressed by the cooldown.", |s| s.suppressed.load(Ordering::Relaxed)),
         ("visutility_signals_recorded_total", "counter", "Signals recorded in the outbox.", |s| s.signals.load(Ordering::Relaxed)),
         ("visutility_strategy_traps_total", "counter", "Failed strategy calls.", |s| s.traps.load(Ordering::Relaxed)),
         ("visutility_strategy_fuel_total", "counter", "Fuel used by strategy calls.", |s| s.fuel.load(Ordering::Relaxed)),
-        ("visutility_monitor_lag_points", "gauge", "Snapshots accepted but not yet evaluated.", |s| {
-            s.points_accepted.load(Ordering::Relaxed).saturating_sub(s.points_evaluated.load(Ordering::Relaxed))
+        ("visutility_monitor_lag_points", "gauge", "Snapshots accepted but not yet evaluated (or skipped).", |s| {
+            s.points_accepted
+                .load(Ordering::Relaxed)
+                .saturating_sub(s.points_evaluated.load(Ordering::Relaxed) + s.points_skipped.load(Ordering::Relaxed))
         }),
         ("visutility_monitor_queued_batches", "gauge", "Batches waiting in a monitor's queue.", |s| s.queued.load(Ordering::Relaxed) as u64),
         ("visutility_stale_models", "gauge", "Models currently stale.", |s| s.stale_models.load(Ordering::Relaxed)),

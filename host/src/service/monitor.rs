@@ -52,6 +52,12 @@ pub struct MonitorStats {
     pub queued: AtomicUsize,
     /// Models currently stale.
     pub stale_models: AtomicU64,
+    /// Snapshots not evaluated because the monitor was quarantined.
+    pub points_skipped: AtomicU64,
+    /// Consecutive failed calls.
+    pub consecutive_failures: AtomicU64,
+    /// Whether the monitor is quarantined.
+    pub quarantined: std::sync::atomic::AtomicBool,
     /// The last failure.
     pub last_error: Mutex<Option<String>>,
 }
@@ -61,7 +67,8 @@ pub struct MonitorStats {
 pub struct MonitorStatus {
     /// Name.
     pub name: String,
-    /// `running`, `behind` (queue over half full) or `stopped`.
+    /// `running`, `behind` (queue over half full), `quarantined` or
+    /// `stopped`.
     pub status: String,
     /// The strategy.
     pub strategy: StrategyStatus,
@@ -85,6 +92,10 @@ pub struct MonitorStatus {
     pub suppressed: u64,
     /// Counters.
     pub traps: u64,
+    /// Snapshots not evaluated while quarantined.
+    pub points_skipped: u64,
+    /// Consecutive failed calls.
+    pub consecutive_failures: u64,
     /// Batches waiting.
     pub queued_batches: usize,
     /// The last failure.
@@ -113,7 +124,7 @@ pub struct Monitor {
     info: StrategyInfo,
     meta: ComponentMeta,
     capacity: usize,
-    tx: Mutex<Option<mpsc::Sender<Arc<Vec<Observation>>>>>,
+    tx: Mutex<Option<mpsc::Sender<Message>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -121,6 +132,14 @@ impl std::fmt::Debug for Monitor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Monitor").field("name", &self.config.name).finish_non_exhaustive()
     }
+}
+
+/// What a monitor's worker receives.
+enum Message {
+    /// Snapshots to evaluate (the worker selects its models).
+    Batch(Arc<Vec<Observation>>),
+    /// Leave quarantine: a fresh instance from the last checkpoint.
+    Resume,
 }
 
 /// Everything a monitor's worker needs to record signals.
@@ -193,11 +212,22 @@ impl Monitor {
         let Some(tx) = tx.as_ref() else { return false };
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         self.stats.points_accepted.fetch_add(selected, Ordering::Relaxed);
-        if tx.send(batch).is_err() {
+        if tx.send(Message::Batch(batch)).is_err() {
             self.stats.queued.fetch_sub(1, Ordering::Relaxed);
             return false;
         }
         true
+    }
+
+    /// Takes the monitor out of quarantine (a fresh instance restored from
+    /// the last checkpoint). Returns false when it is stopped.
+    pub fn resume(&self) -> bool {
+        self.tx.lock().as_ref().is_some_and(|tx| tx.send(Message::Resume).is_ok())
+    }
+
+    /// Whether the monitor is quarantined.
+    pub fn quarantined(&self) -> bool {
+        self.stats.quarantined.load(Ordering::Relaxed)
     }
 
     /// Stops accepting batches, lets the worker drain its queue and
@@ -220,6 +250,8 @@ impl Monitor {
             name: self.config.name.clone(),
             status: if !running {
                 "stopped".into()
+            } else if s.quarantined.load(Ordering::Relaxed) {
+                "quarantined".into()
             } else if queued * 2 > self.capacity {
                 "behind".into()
             } else {
@@ -235,12 +267,14 @@ impl Monitor {
             shadow: self.config.shadow,
             points_accepted: accepted,
             points_evaluated: evaluated,
-            lag_points: accepted.saturating_sub(evaluated),
+            lag_points: accepted.saturating_sub(evaluated + s.points_skipped.load(Ordering::Relaxed)),
             verdicts_warn: s.verdicts_warn.load(Ordering::Relaxed),
             verdicts_retrain: s.verdicts_retrain.load(Ordering::Relaxed),
             signals: s.signals.load(Ordering::Relaxed),
             suppressed: s.suppressed.load(Ordering::Relaxed),
             traps: s.traps.load(Ordering::Relaxed),
+            points_skipped: s.points_skipped.load(Ordering::Relaxed),
+            consecutive_failures: s.consecutive_failures.load(Ordering::Relaxed),
             queued_batches: queued,
             last_error: s.last_error.lock().clone(),
         }
@@ -277,7 +311,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(mut self, rx: mpsc::Receiver<Arc<Vec<Observation>>>) {
+    fn run(mut self, rx: mpsc::Receiver<Message>) {
         let mut selected: HashMap<String, bool> = HashMap::new();
         let mut last_signal: HashMap<String, Instant> = HashMap::new();
         let mut last_seen: HashMap<String, Instant> = HashMap::new();
@@ -286,9 +320,16 @@ impl Worker {
         let tick = self.config.stale_after.map_or(Duration::from_millis(500), |s| (s / 4).max(Duration::from_millis(10)));
         loop {
             match rx.recv_timeout(tick.min(self.checkpoint_every)) {
-                Ok(batch) => {
+                Ok(Message::Batch(batch)) => {
                     self.evaluate(&batch, &mut selected, &mut last_signal, &mut last_seen, &mut stale);
                     self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                }
+                Ok(Message::Resume) => {
+                    if self.stats.quarantined.swap(false, Ordering::Relaxed) {
+                        self.stats.consecutive_failures.store(0, Ordering::Relaxed);
+                        self.restart();
+                        tracing::warn!(monitor = %self.config.name, "monitor resumed from quarantine");
+                    }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -337,6 +378,10 @@ impl Worker {
         let now = Instant::now();
         let mut points = PointBatch::new();
         for (model, positions) in groups {
+            if self.stats.quarantined.load(Ordering::Relaxed) {
+                self.stats.points_skipped.fetch_add(positions.len() as u64, Ordering::Relaxed);
+                continue;
+            }
             last_seen.insert(model.to_string(), now);
             if stale.remove(model) {
                 self.stats.stale_models.fetch_sub(1, Ordering::Relaxed);
@@ -351,14 +396,12 @@ impl Worker {
             let verdicts = match result {
                 Ok(v) => v,
                 Err(e) => {
-                    self.stats.traps.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(monitor = %self.config.name, model, "{e}; the batch's verdicts are lost, restarting the strategy from the last checkpoint");
-                    *self.stats.last_error.lock() = Some(e.to_string());
-                    self.restart();
+                    self.failed(model, &e, positions.iter().map(|&i| &batch[i]));
                     self.stats.points_evaluated.fetch_add(positions.len() as u64, Ordering::Relaxed);
                     continue;
                 }
             };
+            self.stats.consecutive_failures.store(0, Ordering::Relaxed);
             self.stats.points_evaluated.fetch_add(positions.len() as u64, Ordering::Relaxed);
             for v in verdicts {
                 let obs = &batch[positions[v.index]];
@@ -382,6 +425,61 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// A failed call: record it with its batch, then restart with back-off,
+    /// or quarantine after `max_failures` consecutive failures.
+    fn failed<'a>(&mut self, model: &str, e: &crate::runtime::StrategyError, batch: impl Iterator<Item = &'a Observation>) {
+        self.stats.traps.fetch_add(1, Ordering::Relaxed);
+        let failures = self.stats.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let message = format!("monitor `{}`: {e}", self.config.name);
+        tracing::error!(model, "{message}; the batch's verdicts are lost");
+        *self.stats.last_error.lock() = Some(message.clone());
+        let mut ndjson = String::new();
+        for o in batch {
+            if ndjson.len() > 1 << 20 {
+                ndjson.push_str("(truncated at 1 MiB)\n");
+                break;
+            }
+            ndjson.push_str(&serde_json::to_string(o).unwrap_or_default());
+            ndjson.push('\n');
+        }
+        let record = super::store::FailureRecord {
+            created: 0,
+            monitor: self.config.name.clone(),
+            model: model.to_string(),
+            strategy_sha256: self.meta.sha256.clone(),
+            fault: e.fault.kind().to_string(),
+            error: message.clone(),
+            batch: ndjson,
+        };
+        if let Err(err) = self.outbox.store.record_failure(&record) {
+            tracing::error!("cannot record the failure: {err}");
+        }
+        if failures >= u64::from(self.config.max_failures) {
+            self.stats.quarantined.store(true, Ordering::Relaxed);
+            tracing::error!(monitor = %self.config.name, failures, "monitor quarantined; resume it with POST /v1/monitors/{}/resume", self.config.name);
+            let signal = NewSignal {
+                monitor: self.config.name.clone(),
+                model_version: model.to_string(),
+                kind: "quarantined".into(),
+                reason: format!("quarantined after {failures} consecutive failures; last: {e}"),
+                score: 0.0,
+                timestamp: super::store::now_ms(),
+                strategy: self.info.name.clone(),
+                strategy_version: self.info.version.clone(),
+                strategy_sha256: self.meta.sha256.clone(),
+                fuel: self.instance.last_fuel(),
+                snapshot: serde_json::Value::Null,
+                shadow: self.config.shadow,
+            };
+            self.record(&signal);
+            return;
+        }
+        let exp = u32::try_from(failures - 1).unwrap_or(u32::MAX).min(16);
+        let delay = self.config.restart_backoff.saturating_mul(1 << exp).min(Duration::from_secs(30));
+        std::thread::sleep(delay);
+        self.restart();
     }
 
     fn observe_call(&self, took: Duration) {

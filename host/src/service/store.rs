@@ -85,6 +85,26 @@ pub struct DeliveryRecord {
     pub exit_code: Option<i64>,
 }
 
+/// A failed strategy call, kept for debugging.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailureRecord {
+    /// When (ms).
+    pub created: i64,
+    /// The monitor.
+    pub monitor: String,
+    /// The model whose batch failed.
+    pub model: String,
+    /// The component.
+    pub strategy_sha256: String,
+    /// `out_of_fuel`, `deadline`, `memory_cap`, `stack_overflow`, `trap`,
+    /// `contract` or `poisoned`.
+    pub fault: String,
+    /// The full error.
+    pub error: String,
+    /// The batch that caused it, as NDJSON (capped at 1 MiB).
+    pub batch: String,
+}
+
 /// A delivery that is due.
 #[derive(Debug, Clone)]
 pub struct DueDelivery {
@@ -156,6 +176,16 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (signal_id, action)
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_ms);
+CREATE TABLE IF NOT EXISTS failures (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_ms INTEGER NOT NULL,
+    monitor TEXT NOT NULL,
+    model TEXT NOT NULL,
+    strategy_sha256 TEXT NOT NULL,
+    fault TEXT NOT NULL,
+    error TEXT NOT NULL,
+    batch TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS detector_state (
     monitor TEXT NOT NULL,
     model TEXT NOT NULL,
@@ -359,6 +389,46 @@ impl Store {
         let conn = self.conn.lock();
         let mut stmt = conn.prepare_cached("SELECT state, COUNT(*) FROM deliveries GROUP BY state ORDER BY state")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records a failed strategy call with the batch that caused it (NDJSON,
+    /// as evaluated).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`].
+    pub fn record_failure(&self, f: &FailureRecord) -> Result<(), StoreError> {
+        let conn = self.conn.lock();
+        conn.execute(
+            "INSERT INTO failures (created_ms, monitor, model, strategy_sha256, fault, error, batch) VALUES (?1,?2,?3,?4,?5,?6,?7)",
+            params![now_ms(), f.monitor, f.model, f.strategy_sha256, f.fault, f.error, f.batch],
+        )?;
+        Ok(())
+    }
+
+    /// Recorded failures, newest first.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`].
+    pub fn failures(&self, monitor: Option<&str>, limit: usize) -> Result<Vec<FailureRecord>, StoreError> {
+        let conn = self.conn.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT created_ms, monitor, model, strategy_sha256, fault, error, batch FROM failures \
+             WHERE (?1 IS NULL OR monitor = ?1) ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![monitor, limit.min(1000) as i64], |r| {
+            Ok(FailureRecord {
+                created: r.get(0)?,
+                monitor: r.get(1)?,
+                model: r.get(2)?,
+                strategy_sha256: r.get(3)?,
+                fault: r.get(4)?,
+                error: r.get(5)?,
+                batch: r.get(6)?,
+            })
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
