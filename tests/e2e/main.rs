@@ -5,5 +5,6 @@ mod cli;
 mod detectors;
 mod river;
 mod runtime;
+mod sandbox;
 mod service;
 mod util;

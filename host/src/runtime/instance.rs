@@ -14,6 +14,24 @@ use super::sandbox::{HostState, SandboxCounters};
 use super::{Limits, StrategyError, StrategyFault};
 use crate::snapshot::Observation;
 
+/// Longest verdict reason kept, in bytes; longer ones are truncated.
+pub const MAX_REASON_BYTES: usize = 4096;
+/// Largest saved state accepted from a strategy, in bytes.
+pub const MAX_STATE_BYTES: usize = 16 << 20;
+
+fn cap_reason(mut reason: String) -> String {
+    if reason.len() > MAX_REASON_BYTES {
+        let mut cut = MAX_REASON_BYTES;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let dropped = reason.len() - cut;
+        reason.truncate(cut);
+        reason.push_str(&format!("… ({dropped} more bytes truncated)"));
+    }
+    reason
+}
+
 /// What a strategy says about itself.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct StrategyInfo {
@@ -312,7 +330,7 @@ impl StrategyInstance {
                 wit::Severity::Warn => VerdictKind::Warn,
                 wit::Severity::Retrain => VerdictKind::Retrain,
             };
-            out.push(Verdict { index, kind, reason: v.reason });
+            out.push(Verdict { index, kind, reason: cap_reason(v.reason) });
         }
         Ok(out)
     }
@@ -321,11 +339,22 @@ impl StrategyInstance {
     ///
     /// # Errors
     ///
-    /// [`StrategyError`] if the call fails.
+    /// [`StrategyError`] if the call fails or the state is larger than
+    /// [`MAX_STATE_BYTES`].
     pub fn save(&mut self, model: &str) -> Result<Option<Vec<u8>>, StrategyError> {
         let Some(&detector) = self.detectors.get(model) else { return Ok(None) };
-        self.call("save", |store, b| b.visutility_strategy_strategy().detector().call_save(store, detector))
-            .map(Some)
+        let state =
+            self.call("save", |store, b| b.visutility_strategy_strategy().detector().call_save(store, detector))?;
+        if state.len() > MAX_STATE_BYTES {
+            return Err(self.error(
+                "save",
+                StrategyFault::Contract(format!(
+                    "saved state of {} bytes exceeds the cap of {MAX_STATE_BYTES} bytes",
+                    state.len()
+                )),
+            ));
+        }
+        Ok(Some(state))
     }
 
     /// Replaces `model`'s detector with one restored from `state`.

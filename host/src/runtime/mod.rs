@@ -23,7 +23,7 @@ use wasmtime::component::Linker;
 use wasmtime::{Config, Engine};
 
 pub use component::{ComponentMeta, LoadError, StrategyComponent, StrategySource};
-pub use instance::{PointBatch, StrategyInfo, StrategyInstance, Verdict, VerdictKind};
+pub use instance::{MAX_REASON_BYTES, MAX_STATE_BYTES, PointBatch, StrategyInfo, StrategyInstance, Verdict, VerdictKind};
 pub use sandbox::{LOG_LINES_PER_CALL, LOG_MESSAGE_MAX, OUTPUT_MAX_PER_CALL, SandboxCounters};
 
 use sandbox::HostState;

@@ -244,10 +244,16 @@ impl StdoutStream for CapturedOutput {
     fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
         Box::new(self.clone())
     }
+
+    // A synchronous stream: the default adapter goes through an async task
+    // per write (~140 µs each), which a chatty guest turns into a deadline.
+    fn p2_stream(&self) -> Box<dyn wasmtime_wasi::p2::OutputStream> {
+        Box::new(self.clone())
+    }
 }
 
-impl tokio::io::AsyncWrite for CapturedOutput {
-    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+impl CapturedOutput {
+    fn keep(&self, data: &[u8]) {
         let mut buf = self.buf.lock();
         let room = OUTPUT_MAX_PER_CALL.saturating_sub(buf.len());
         let kept = room.min(data.len());
@@ -256,6 +262,34 @@ impl tokio::io::AsyncWrite for CapturedOutput {
         if dropped > 0 {
             self.counters.output_bytes_dropped.fetch_add(dropped, Ordering::Relaxed);
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl wasmtime_wasi::p2::OutputStream for CapturedOutput {
+    fn write(&mut self, bytes: bytes::Bytes) -> Result<(), wasmtime_wasi::p2::StreamError> {
+        self.keep(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), wasmtime_wasi::p2::StreamError> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> Result<usize, wasmtime_wasi::p2::StreamError> {
+        // Always writable: what exceeds the cap is counted and dropped.
+        Ok(64 * 1024)
+    }
+}
+
+#[async_trait::async_trait]
+impl wasmtime_wasi::p2::Pollable for CapturedOutput {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for CapturedOutput {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.keep(data);
         Poll::Ready(Ok(data.len()))
     }
 

@@ -276,7 +276,9 @@ async fn metrics(State(service): State<Arc<Service>>) -> Response {
         m.rejected_busy.load(Ordering::Relaxed),
     );
     type Field = fn(&super::monitor::MonitorStats) -> u64;
-    let per_monitor: [(&str, &str, &str, Field); 11] = [
+    let per_monitor: [(&str, &str, &str, Field); 13] = [
+        ("visutility_strategy_log_lines_dropped_total", "counter", "Guest log lines dropped by the rate limit.", |s| s.log_lines_dropped.load(Ordering::Relaxed)),
+        ("visutility_strategy_output_bytes_dropped_total", "counter", "Guest stdout/stderr bytes dropped by the cap.", |s| s.output_bytes_dropped.load(Ordering::Relaxed)),
         ("visutility_monitor_quarantined", "gauge", "1 when the monitor is quarantined.", |s| u64::from(s.quarantined.load(Ordering::Relaxed))),
         ("visutility_points_skipped_total", "counter", "Snapshots not evaluated while quarantined.", |s| s.points_skipped.load(Ordering::Relaxed)),
         ("visutility_points_accepted_total", "counter", "Snapshots queued for a monitor.", |s| s.points_accepted.load(Ordering::Relaxed)),

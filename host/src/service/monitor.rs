@@ -52,6 +52,10 @@ pub struct MonitorStats {
     pub queued: AtomicUsize,
     /// Models currently stale.
     pub stale_models: AtomicU64,
+    /// Guest log lines dropped by the sandbox's rate limit.
+    pub log_lines_dropped: AtomicU64,
+    /// Guest stdout/stderr bytes dropped by the sandbox's cap.
+    pub output_bytes_dropped: AtomicU64,
     /// Snapshots not evaluated because the monitor was quarantined.
     pub points_skipped: AtomicU64,
     /// Consecutive failed calls.
@@ -484,6 +488,9 @@ impl Worker {
 
     fn observe_call(&self, took: Duration) {
         let s = &self.stats;
+        let c = self.instance.counters();
+        s.log_lines_dropped.fetch_add(c.log_lines_dropped.swap(0, Ordering::Relaxed), Ordering::Relaxed);
+        s.output_bytes_dropped.fetch_add(c.output_bytes_dropped.swap(0, Ordering::Relaxed), Ordering::Relaxed);
         s.calls.fetch_add(1, Ordering::Relaxed);
         s.call_nanos.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
         s.fuel.fetch_add(self.instance.last_fuel(), Ordering::Relaxed);

@@ -91,6 +91,14 @@ pub fn run(args: ReplayArgs) -> Result<(), Failure> {
         other => Failure::runtime(other),
     })?;
     out.flush().map_err(Failure::runtime)?;
+    let counters = instance.counters();
+    let (logs, bytes) = (
+        counters.log_lines_dropped.load(std::sync::atomic::Ordering::Relaxed),
+        counters.output_bytes_dropped.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    if logs > 0 || bytes > 0 {
+        eprintln!("sandbox: dropped {logs} log line(s) over the per-call limit and {bytes} byte(s) of stdout/stderr over the cap");
+    }
 
     let info = instance.info();
     let total = started.elapsed().as_secs_f64().max(1e-9);

@@ -2,10 +2,13 @@
 //! can check that the sandbox contains it. Never bundled.
 
 use serde::{Deserialize, Serialize};
-use visutility_strategy::{Detector, Point, Verdict, export_strategy};
+use std::hash::{BuildHasher, Hasher};
 
-/// `mode`: `loop`, `panic`, `grow`, `recurse` or `ok`; misbehaves at the
-/// point with index `at`.
+use visutility_strategy::{Detector, Point, Verdict, export_strategy, log};
+
+/// `mode`: `loop`, `panic`, `grow`, `recurse`, `log-spam`, `print-spam`,
+/// `huge-reason`, `every-point`, `huge-state`, `snoop`, `configure-loop` or
+/// `ok`; misbehaves after `at` points.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -33,6 +36,16 @@ impl Detector for Hostile {
     const NAME: &'static str = "hostile";
     const DESCRIPTION: &'static str = "misbehaves on purpose (test fixture)";
 
+    fn validate(c: &Config) -> Result<(), String> {
+        if c.mode == "configure-loop" {
+            let mut n = 0u64;
+            loop {
+                n = std::hint::black_box(n + 1);
+            }
+        }
+        Ok(())
+    }
+
     fn new(c: &Config, _model: &str) -> Self {
         Hostile { mode: c.mode.clone(), at: c.at, seen: 0, hoard: Vec::new() }
     }
@@ -51,6 +64,42 @@ impl Detector for Hostile {
                 self.hoard.push(vec![1u8; 1 << 20]);
             },
             "recurse" => Verdict::warn(format!("{}", recurse(0))),
+            "log-spam" => {
+                let huge = "x".repeat(1 << 20);
+                log::warn(&huge);
+                for i in 0..100_000 {
+                    log::info(&format!("spam line {i}"));
+                }
+                Verdict::Healthy
+            }
+            "print-spam" => {
+                for i in 0..20_000 {
+                    println!("stdout spam line {i}");
+                    eprintln!("stderr spam line {i}");
+                }
+                Verdict::Healthy
+            }
+            "huge-reason" => Verdict::warn("r".repeat(8 << 20)),
+            "every-point" => Verdict::warn(format!("point {}", self.seen)),
+            "huge-state" => {
+                if self.hoard.is_empty() {
+                    self.hoard.push(vec![7u8; 17 << 20]);
+                }
+                Verdict::Healthy
+            }
+            "snoop" => {
+                // Everything a strategy could learn about the host: the
+                // environment, the clocks, randomness.
+                let env: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
+                let args = std::env::args().count();
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis())
+                    .unwrap_or(0);
+                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                h.write_u64(self.seen);
+                Verdict::warn(format!("env={} args={args} now_ms={now} random={:x} home={:?}", env.len(), h.finish(), std::env::var("HOME").ok()))
+            }
             _ => Verdict::Healthy,
         }
     }
