@@ -276,7 +276,8 @@ async fn metrics(State(service): State<Arc<Service>>) -> Response {
         m.rejected_busy.load(Ordering::Relaxed),
     );
     type Field = fn(&super::monitor::MonitorStats) -> u64;
-    let per_monitor: [(&str, &str, &str, Field); 13] = [
+    let per_monitor: [(&str, &str, &str, Field); 14] = [
+        ("visutility_points_shed_total", "counter", "Snapshots not queued for a failing monitor whose queue was full.", |s| s.points_shed.load(Ordering::Relaxed)),
         ("visutility_strategy_log_lines_dropped_total", "counter", "Guest log lines dropped by the rate limit.", |s| s.log_lines_dropped.load(Ordering::Relaxed)),
         ("visutility_strategy_output_bytes_dropped_total", "counter", "Guest stdout/stderr bytes dropped by the cap.", |s| s.output_bytes_dropped.load(Ordering::Relaxed)),
         ("visutility_monitor_quarantined", "gauge", "1 when the monitor is quarantined.", |s| u64::from(s.quarantined.load(Ordering::Relaxed))),

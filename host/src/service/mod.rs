@@ -131,11 +131,19 @@ impl Service {
                 (n > 0).then_some((m, n))
             })
             .collect();
-        if let Some((busy, _)) = targets.iter().find(|(m, _)| !m.has_room()) {
+        // A healthy monitor that is behind pushes back on the client (503,
+        // nothing lost). A failing or quarantined one may not: its verdicts
+        // are lost anyway, so what does not fit its queue is shed (counted)
+        // and the other monitors keep their rate.
+        if let Some((busy, _)) = targets.iter().find(|(m, _)| !m.has_room() && !m.failing()) {
             return Err(busy.config.name.clone());
         }
         let batch = Arc::new(batch);
         for (m, n) in targets {
+            if !m.has_room() {
+                m.shed(n);
+                continue;
+            }
             if !m.enqueue(batch.clone(), n) {
                 return Err(m.config.name.clone());
             }

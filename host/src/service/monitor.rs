@@ -58,6 +58,9 @@ pub struct MonitorStats {
     pub output_bytes_dropped: AtomicU64,
     /// Snapshots not evaluated because the monitor was quarantined.
     pub points_skipped: AtomicU64,
+    /// Snapshots not queued because the monitor was failing and its queue
+    /// was full.
+    pub points_shed: AtomicU64,
     /// Consecutive failed calls.
     pub consecutive_failures: AtomicU64,
     /// Whether the monitor is quarantined.
@@ -98,6 +101,8 @@ pub struct MonitorStatus {
     pub traps: u64,
     /// Snapshots not evaluated while quarantined.
     pub points_skipped: u64,
+    /// Snapshots shed while failing with a full queue.
+    pub points_shed: u64,
     /// Consecutive failed calls.
     pub consecutive_failures: u64,
     /// Batches waiting.
@@ -229,6 +234,17 @@ impl Monitor {
         self.tx.lock().as_ref().is_some_and(|tx| tx.send(Message::Resume).is_ok())
     }
 
+    /// Whether its strategy is failing (last call failed) or quarantined.
+    pub fn failing(&self) -> bool {
+        self.quarantined() || self.stats.consecutive_failures.load(Ordering::Relaxed) > 0
+    }
+
+    /// Counts `n` snapshots not queued because the failing monitor's queue
+    /// was full.
+    pub fn shed(&self, n: u64) {
+        self.stats.points_shed.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Whether the monitor is quarantined.
     pub fn quarantined(&self) -> bool {
         self.stats.quarantined.load(Ordering::Relaxed)
@@ -278,6 +294,7 @@ impl Monitor {
             suppressed: s.suppressed.load(Ordering::Relaxed),
             traps: s.traps.load(Ordering::Relaxed),
             points_skipped: s.points_skipped.load(Ordering::Relaxed),
+            points_shed: s.points_shed.load(Ordering::Relaxed),
             consecutive_failures: s.consecutive_failures.load(Ordering::Relaxed),
             queued_batches: queued,
             last_error: s.last_error.lock().clone(),

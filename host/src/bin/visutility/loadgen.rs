@@ -26,6 +26,9 @@ pub struct LoadgenArgs {
     /// Distinct models in the stream.
     #[arg(long, default_value_t = 16)]
     models: usize,
+    /// Also report this monitor's own evaluation rate.
+    #[arg(long)]
+    monitor: Option<String>,
 }
 
 pub fn run(args: LoadgenArgs) -> Result<(), Failure> {
@@ -63,11 +66,23 @@ async fn evaluated_and_accepted(client: &reqwest::Client, url: &str) -> anyhow::
     Ok((evaluated, accepted))
 }
 
+async fn monitor_evaluated(client: &reqwest::Client, url: &str, monitor: &str) -> anyhow::Result<f64> {
+    let text = client.get(format!("{url}/metrics")).send().await?.text().await?;
+    let prefix = format!("visutility_points_evaluated_total{{monitor=\"{monitor}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
+        .ok_or_else(|| anyhow!("no monitor `{monitor}` in /metrics"))
+}
+
 async fn load(args: LoadgenArgs) -> Result<(), Failure> {
     let url = args.url.trim_end_matches('/').to_string();
     let client = reqwest::Client::builder().pool_max_idle_per_host(args.connections).build().map_err(Failure::runtime)?;
     let (evaluated0, accepted0) =
         evaluated_and_accepted(&client, &url).await.context("cannot reach the service's /metrics").map_err(Failure::input)?;
+    let monitor0 = match &args.monitor {
+        Some(m) => Some(monitor_evaluated(&client, &url, m).await.map_err(Failure::input)?),
+        None => None,
+    };
     let bodies: Vec<bytes::Bytes> = (0..8).map(|s| body(args.batch, args.models, s).into()).collect();
     let deadline = Instant::now() + args.duration;
     let started = Instant::now();
@@ -113,6 +128,10 @@ async fn load(args: LoadgenArgs) -> Result<(), Failure> {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let snapshots = requests * args.batch as u64;
+    if let (Some(m), Some(before)) = (&args.monitor, monitor0) {
+        let after = monitor_evaluated(&client, &url, m).await.map_err(Failure::runtime)?;
+        println!("monitor `{m}` evaluated {:.0} snapshots/s during the run", (after - before) / elapsed);
+    }
     latencies.sort();
     let pct = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or_default();
 
