@@ -117,6 +117,7 @@ impl<'a> Point<'a> {
     }
 
     /// The watched value of this point, if it has one (finite).
+    #[inline]
     pub fn value(&self, watch: &Watch) -> Option<f64> {
         let v = match watch {
             Watch::Score => Some(self.score),
@@ -127,16 +128,20 @@ impl<'a> Point<'a> {
     }
 
     /// The named metric `name` of this point, if the snapshot carried it.
+    #[inline]
     pub fn metric(&self, name: &str) -> Option<f64> {
         match self.metrics {
             Metrics::None => None,
-            Metrics::Columns(cols) => cols
-                .iter()
-                .find(|(n, _)| n == name)
-                .and_then(|(_, v)| v.get(self.index).copied())
-                .filter(|v| !v.is_nan()),
+            // Out of line and by value, so that the point itself never has
+            // to live in memory on the per-point path.
+            Metrics::Columns(cols) => metric_at(cols, self.index, name),
         }
     }
+}
+
+#[inline(never)]
+fn metric_at(cols: &[(String, Vec<f64>)], index: usize, name: &str) -> Option<f64> {
+    cols.iter().find(|(n, _)| n == name).and_then(|(_, v)| v.get(index).copied()).filter(|v| !v.is_nan())
 }
 
 /// What a detector says about one point.

@@ -80,6 +80,31 @@ fn environment_clock_and_randomness_reveal_nothing_and_replays_are_byte_identica
 }
 
 #[test]
+fn canonicalize_nans_makes_nan_bits_canonical_and_replays_stay_identical_without_it() {
+    let env = Env::new();
+    let path = input(&env, 64);
+    let nan_bits = |extra: &[&str]| {
+        let mut args = vec!["replay", "-s", guest("hostile"), "-c", r#"{"mode":"nan-bits"}"#, "-i", &path];
+        args.extend_from_slice(extra);
+        let run = env.run(&args);
+        run.ok();
+        let line: serde_json::Value = serde_json::from_str(run.stdout.lines().next().expect("a verdict")).unwrap();
+        (line["reason"].as_str().unwrap().to_string(), run.stdout)
+    };
+    let (canonical, _) = nan_bits(&["--canonicalize-nans"]);
+    assert_eq!(canonical, "nan_bits=7ff8000000000000", "the canonical quiet NaN");
+    // Off (the default), a run is still byte-identical to the next one.
+    let (plain, first) = nan_bits(&[]);
+    let (_, second) = nan_bits(&[]);
+    assert_eq!(first, second);
+    // x86-64 computes 0/0 as the negative "indefinite" NaN: the bits
+    // canonicalisation exists to hide across architectures.
+    #[cfg(target_arch = "x86_64")]
+    assert_eq!(plain, "nan_bits=fff8000000000000");
+    let _ = plain;
+}
+
+#[test]
 fn files_sockets_and_foreign_wit_versions_are_refused_at_load() {
     let env = Env::new();
     let path = input(&env, 1);

@@ -120,10 +120,12 @@ impl PointBatch {
     }
 
     /// Appends a point with only a score and a timestamp (fast path).
+    #[inline]
     pub fn push_score(&mut self, score: f64, timestamp_ms: i64) {
         self.push_raw(score, None, timestamp_ms);
     }
 
+    #[inline]
     fn push_raw(&mut self, score: f64, loss: Option<f64>, timestamp_ms: i64) {
         let n = self.inner.scores.len();
         self.inner.scores.push(score);

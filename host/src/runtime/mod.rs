@@ -73,8 +73,15 @@ pub struct RuntimeConfig {
     pub epoch_tick: Duration,
     /// Guest stack limit in bytes. Default 1 MiB.
     pub max_wasm_stack: usize,
-    /// Canonicalise NaNs produced by guest float arithmetic, so that replays
-    /// are bit-identical on every CPU. Default on.
+    /// Canonicalise the NaNs produced by guest float arithmetic, so that a
+    /// strategy that inspects the bits of a NaN it computed sees the same
+    /// bits on every CPU architecture. Default off: replays are already
+    /// byte-identical run after run on one architecture (WebAssembly float
+    /// arithmetic is otherwise deterministic, and clocks and randomness are
+    /// virtual), and canonicalisation costs 1.3-1.8x on float-heavy
+    /// detectors (BENCHMARKS.md). Turn it on (`--canonicalize-nans`,
+    /// `canonicalize_nans = true`) when replays must match bit for bit
+    /// across x86-64 and aarch64 hosts.
     pub nan_canonicalization: bool,
     /// Meter fuel, the deterministic CPU bound of [`Limits::fuel`]. Default
     /// on; off leaves only the wall-clock deadline (for measurements).
@@ -87,7 +94,7 @@ impl Default for RuntimeConfig {
             cache_dir: default_cache_dir(),
             epoch_tick: Duration::from_millis(5),
             max_wasm_stack: 1 << 20,
-            nan_canonicalization: true,
+            nan_canonicalization: false,
             fuel_metering: true,
         }
     }
@@ -107,6 +114,8 @@ pub fn default_cache_dir() -> Option<PathBuf> {
     }
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("visutility"))
 }
+
+static SHARED: OnceLock<Runtime> = OnceLock::new();
 
 /// The wasmtime engine and everything shared by all strategies.
 pub struct Runtime {
@@ -163,14 +172,34 @@ impl Runtime {
         Ok(Runtime { engine, linker, config, ticker_stop })
     }
 
-    /// The process-wide runtime with the default configuration.
+    /// The process-wide runtime: the one [`init_shared`](Self::init_shared)
+    /// built, else one with the default configuration.
     ///
     /// # Panics
     ///
     /// If the engine cannot be built (an unsupported CPU).
     pub fn shared() -> &'static Runtime {
-        static SHARED: OnceLock<Runtime> = OnceLock::new();
         SHARED.get_or_init(|| Runtime::new(RuntimeConfig::default()).expect("cannot build the wasmtime engine"))
+    }
+
+    /// Builds the process-wide runtime with `config`. Call it before anything
+    /// loads a strategy.
+    ///
+    /// # Errors
+    ///
+    /// [`LoadError::Engine`] if wasmtime rejects the configuration, or if
+    /// the shared runtime already exists with another configuration.
+    pub fn init_shared(config: RuntimeConfig) -> Result<&'static Runtime, LoadError> {
+        if let Some(existing) = SHARED.get() {
+            if existing.config.nan_canonicalization == config.nan_canonicalization
+                && existing.config.fuel_metering == config.fuel_metering
+            {
+                return Ok(existing);
+            }
+            return Err(LoadError::Engine("the shared runtime was already built with another configuration".into()));
+        }
+        let runtime = Runtime::new(config)?;
+        Ok(SHARED.get_or_init(|| runtime))
     }
 
     /// This runtime's configuration.

@@ -59,6 +59,11 @@ pub struct ServiceConfig {
     /// (`POST /v1/monitors/{name}/resume`); unset means they are disabled.
     #[serde(default = "default_admin_token_env")]
     pub admin_token_env: String,
+    /// Canonicalise NaNs in strategy float arithmetic (bit-identical
+    /// replays across CPU architectures; costs 1.3-1.8x on float-heavy
+    /// strategies). Default off.
+    #[serde(default)]
+    pub canonicalize_nans: bool,
     /// The monitors.
     #[serde(default, rename = "monitor")]
     pub monitors: Vec<MonitorConfig>,
@@ -209,6 +214,7 @@ impl ServiceConfig {
             checkpoint_every: default_checkpoint(),
             max_body_bytes: default_body(),
             admin_token_env: default_admin_token_env(),
+            canonicalize_nans: false,
             monitors: vec![MonitorConfig {
                 name: "default".into(),
                 models: all_models(),

@@ -129,10 +129,10 @@ impl Adwin {
 
     /// Feeds one value; returns the first cut found when a change is
     /// detected.
+    #[inline]
     pub fn update_value(&mut self, x: f64) -> Option<Cut> {
         if self.drift_detected {
-            // River starts over from an empty window after a detection.
-            *self = Adwin::with_config(self.cfg.clone());
+            self.start_over();
         }
         self.insert(x);
         let cut = self.detect_change();
@@ -140,6 +140,13 @@ impl Adwin {
         cut
     }
 
+    /// River starts over from an empty window after a detection.
+    #[cold]
+    fn start_over(&mut self) {
+        *self = Adwin::with_config(self.cfg.clone());
+    }
+
+    #[inline]
     fn insert(&mut self, x: f64) {
         self.levels[0].push(x, 0.0);
         self.width += 1.0;
@@ -192,12 +199,19 @@ impl Adwin {
         }
     }
 
+    #[inline]
     fn detect_change(&mut self) -> Option<Cut> {
-        let mut first_cut = None;
         self.tick += 1;
         if !self.tick.is_multiple_of(u64::from(self.cfg.clock.max(1))) || self.width <= f64::from(self.cfg.grace_period) {
             return None;
         }
+        self.scan_for_cut()
+    }
+
+    /// The cut test over every split of the window (every `clock` points).
+    #[inline(never)]
+    fn scan_for_cut(&mut self) -> Option<Cut> {
+        let mut first_cut = None;
         let min_len = f64::from(self.cfg.min_window_length);
         'shrink: loop {
             let (mut n0, mut n1) = (0.0_f64, self.width);
@@ -267,21 +281,32 @@ impl Detector for Adwin {
         Adwin::with_config(c.clone())
     }
 
+    #[inline]
     fn update(&mut self, p: &Point<'_>) -> Verdict {
         let Some(x) = p.value(&self.cfg.watch) else { return Verdict::Healthy };
         match self.update_value(x) {
             None => Verdict::Healthy,
-            Some(cut) => Verdict::retrain(format!(
-                "ADWIN: mean of {} {} by {:.4} (> bound {:.4}, delta {}) within a window of {} points; window shrunk to {}",
-                self.cfg.watch,
-                if cut.delta_mean > 0.0 { "dropped" } else { "rose" },
-                cut.delta_mean.abs(),
-                cut.epsilon,
-                self.cfg.delta,
-                cut.width,
-                self.width
-            )),
+            Some(cut) => self.detection(cut),
         }
+    }
+}
+
+impl Adwin {
+    /// The retrain verdict of a detection. Cold and out of line, so that the
+    /// per-point path stays small enough to inline into the SDK's loop.
+    #[cold]
+    #[inline(never)]
+    fn detection(&self, cut: Cut) -> Verdict {
+        Verdict::retrain(format!(
+            "ADWIN: mean of {} {} by {:.4} (> bound {:.4}, delta {}) within a window of {} points; window shrunk to {}",
+            self.cfg.watch,
+            if cut.delta_mean > 0.0 { "dropped" } else { "rose" },
+            cut.delta_mean.abs(),
+            cut.epsilon,
+            self.cfg.delta,
+            cut.width,
+            self.width
+        ))
     }
 }
 

@@ -95,6 +95,7 @@ impl PageHinkley {
         d
     }
 
+    #[cold]
     fn reset(&mut self) {
         self.n = 0.0;
         self.mean = 0.0;
@@ -108,6 +109,7 @@ impl PageHinkley {
 
     /// Feeds one value; returns the test statistics when a change is
     /// detected.
+    #[inline]
     pub fn update_value(&mut self, x: f64) -> Option<(f64, f64)> {
         if self.drift_detected {
             self.reset();
@@ -168,22 +170,28 @@ impl Detector for PageHinkley {
         PageHinkley::with_config(c.clone())
     }
 
+    #[inline]
     fn update(&mut self, p: &Point<'_>) -> Verdict {
         let Some(x) = p.value(&self.cfg.watch) else { return Verdict::Healthy };
         match self.update_value(x) {
             None => Verdict::Healthy,
-            Some((up, down)) => {
-                let (dir, stat) = if down > self.cfg.threshold && self.cfg.mode.down() {
-                    ("decrease", down)
-                } else {
-                    ("increase", up)
-                };
-                Verdict::retrain(format!(
-                    "Page-Hinkley: {dir} statistic {stat:.4} > threshold {} on {} (value {x:.4}, running mean {:.4} over {} points)",
-                    self.cfg.threshold, self.cfg.watch, self.mean, self.n
-                ))
-            }
+            Some((up, down)) => self.detection(x, up, down),
         }
+    }
+}
+
+impl PageHinkley {
+    /// The retrain verdict of a detection. Cold and out of line, so that the
+    /// per-point path stays small enough to inline into the SDK's loop.
+    #[cold]
+    #[inline(never)]
+    fn detection(&self, x: f64, up: f64, down: f64) -> Verdict {
+        let (dir, stat) =
+            if down > self.cfg.threshold && self.cfg.mode.down() { ("decrease", down) } else { ("increase", up) };
+        Verdict::retrain(format!(
+            "Page-Hinkley: {dir} statistic {stat:.4} > threshold {} on {} (value {x:.4}, running mean {:.4} over {} points)",
+            self.cfg.threshold, self.cfg.watch, self.mean, self.n
+        ))
     }
 }
 

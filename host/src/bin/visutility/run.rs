@@ -43,6 +43,9 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     if let Some(db) = args.db {
         config.db = db;
     }
+    if config.canonicalize_nans {
+        crate::init_runtime(true).map_err(Failure::input)?;
+    }
     if args.check {
         for m in &config.monitors {
             let component = visutility_host::runtime::StrategyComponent::load(&m.strategy.parse().map_err(|e| {

@@ -7,7 +7,7 @@ use std::hash::{BuildHasher, Hasher};
 use visutility_strategy::{Detector, Point, Verdict, export_strategy, log};
 
 /// `mode`: `loop`, `panic`, `grow`, `recurse`, `log-spam`, `print-spam`,
-/// `huge-reason`, `every-point`, `huge-state`, `snoop`, `configure-loop` or
+/// `huge-reason`, `nan-bits`, `every-point`, `huge-state`, `snoop`, `configure-loop` or
 /// `ok`; misbehaves after `at` points.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -78,6 +78,13 @@ impl Detector for Hostile {
                     eprintln!("stderr spam line {i}");
                 }
                 Verdict::Healthy
+            }
+            "nan-bits" => {
+                // A NaN computed at run time, and its bits: what NaN
+                // canonicalisation makes the same on every CPU.
+                let zero = std::hint::black_box(0.0f64);
+                let nan = std::hint::black_box(zero / zero);
+                Verdict::warn(format!("nan_bits={:016x}", nan.to_bits()))
             }
             "huge-reason" => Verdict::warn("r".repeat(8 << 20)),
             "every-point" => Verdict::warn(format!("point {}", self.seen)),
