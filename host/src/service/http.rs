@@ -161,13 +161,13 @@ async fn monitor(State(service): State<Arc<Service>>, Path(name): Path<String>) 
 }
 
 /// Checks `Authorization: Bearer <token>` against the admin token.
-fn admin(service: &Service, headers: &HeaderMap) -> Result<(), Response> {
+fn admin(service: &Service, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let var = &service.config.admin_token_env;
     let Some(token) = std::env::var(var).ok().filter(|t| !t.is_empty()) else {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::FORBIDDEN,
             json!({"error": format!("admin endpoints are disabled: set the environment variable `{var}` to a token")}),
-        ));
+        )));
     };
     let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     // Constant-time comparison of equal-length tokens.
@@ -175,13 +175,13 @@ fn admin(service: &Service, headers: &HeaderMap) -> Result<(), Response> {
     if ok {
         Ok(())
     } else {
-        Err(error(StatusCode::UNAUTHORIZED, json!({"error": "missing or wrong admin bearer token"})))
+        Err(Box::new(error(StatusCode::UNAUTHORIZED, json!({"error": "missing or wrong admin bearer token"}))))
     }
 }
 
 async fn resume(State(service): State<Arc<Service>>, Path(name): Path<String>, headers: HeaderMap) -> Response {
     if let Err(resp) = admin(&service, &headers) {
-        return resp;
+        return *resp;
     }
     match service.monitors.iter().find(|m| m.config.name == name) {
         None => error(StatusCode::NOT_FOUND, json!({"error": format!("no monitor named `{name}`")})),

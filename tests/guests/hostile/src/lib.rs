@@ -82,8 +82,8 @@ impl Detector for Hostile {
             "nan-bits" => {
                 // A NaN computed at run time, and its bits: what NaN
                 // canonicalisation makes the same on every CPU.
-                let zero = std::hint::black_box(0.0f64);
-                let nan = std::hint::black_box(zero / zero);
+                let (a, b) = (std::hint::black_box(0.0f64), std::hint::black_box(0.0f64));
+                let nan = std::hint::black_box(a / b);
                 Verdict::warn(format!("nan_bits={:016x}", nan.to_bits()))
             }
             "huge-reason" => Verdict::warn("r".repeat(8 << 20)),
