@@ -122,7 +122,28 @@ impl PointBatch {
     /// Appends a point with only a score and a timestamp (fast path).
     #[inline]
     pub fn push_score(&mut self, score: f64, timestamp_ms: i64) {
-        self.push_raw(score, None, timestamp_ms);
+        if self.any_loss || !self.inner.metrics.is_empty() {
+            return self.push_raw(score, None, timestamp_ms);
+        }
+        self.inner.scores.push(score);
+        self.inner.timestamps.push(timestamp_ms);
+    }
+
+    /// Appends points that carry only scores and timestamps, in bulk.
+    ///
+    /// # Panics
+    ///
+    /// If the two slices differ in length.
+    pub fn extend_scores(&mut self, scores: &[f64], timestamps_ms: &[i64]) {
+        assert_eq!(scores.len(), timestamps_ms.len(), "one timestamp per score");
+        if self.any_loss || !self.inner.metrics.is_empty() {
+            for (&s, &t) in scores.iter().zip(timestamps_ms) {
+                self.push_raw(s, None, t);
+            }
+            return;
+        }
+        self.inner.scores.extend_from_slice(scores);
+        self.inner.timestamps.extend_from_slice(timestamps_ms);
     }
 
     #[inline]
@@ -160,6 +181,9 @@ impl PointBatch {
         timestamp_ms: i64,
         metrics: &std::collections::BTreeMap<String, f64>,
     ) {
+        if loss.is_none() && metrics.is_empty() {
+            return self.push_score(score, timestamp_ms);
+        }
         self.push_raw(score, loss, timestamp_ms);
         let n = self.inner.scores.len();
         for (name, &value) in metrics {

@@ -22,6 +22,8 @@
 //! | `grace_period` | `10` | values before the first check |
 //! | `watch` | `"score"` | `"score"`, `"loss"` or `"metrics.<name>"` |
 
+use std::collections::VecDeque;
+
 use serde::{Deserialize, Serialize};
 use visutility_strategy::{Detector, Point, Verdict, Watch, export_strategy};
 
@@ -66,10 +68,14 @@ const SCHEMA: &str = r#"{
 
 /// Buckets of one level, oldest first: each holds the total and the variance
 /// (sum of squared deviations) of `2^level` values.
+///
+/// Ring buffers: dropping the oldest buckets (every other point) must not
+/// shift memory, which in WebAssembly is a call out of the guest. They
+/// serialise exactly like a `Vec`, so saved states are unchanged.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Level {
-    totals: Vec<f64>,
-    variances: Vec<f64>,
+    totals: VecDeque<f64>,
+    variances: VecDeque<f64>,
 }
 
 impl Level {
@@ -78,13 +84,15 @@ impl Level {
     }
 
     fn push(&mut self, total: f64, variance: f64) {
-        self.totals.push(total);
-        self.variances.push(variance);
+        self.totals.push_back(total);
+        self.variances.push_back(variance);
     }
 
     fn drop_oldest(&mut self, n: usize) {
-        self.totals.drain(..n);
-        self.variances.drain(..n);
+        for _ in 0..n {
+            self.totals.pop_front();
+            self.variances.pop_front();
+        }
     }
 }
 
@@ -214,6 +222,10 @@ impl Adwin {
         let mut first_cut = None;
         let min_len = f64::from(self.cfg.min_window_length);
         'shrink: loop {
+            // Constant while the window is: computed once per pass, not once
+            // per split (the same expressions, so the same bits as River).
+            let delta_prime = (2.0 * self.width.ln() / self.cfg.delta).ln();
+            let variance_per_point = self.variance / self.width;
             let (mut n0, mut n1) = (0.0_f64, self.width);
             let (mut u0, mut u1) = (0.0_f64, self.total);
             // From the oldest bucket (highest level, index 0) to the newest.
@@ -231,7 +243,7 @@ impl Adwin {
                     }
                     let delta_mean = (u0 / n0) - (u1 / n1);
                     if n1 >= min_len && n0 >= min_len {
-                        let epsilon = self.cut_bound(n0, n1);
+                        let epsilon = Self::cut_bound(min_len, n0, n1, delta_prime, variance_per_point);
                         if delta_mean.abs() > epsilon {
                             first_cut.get_or_insert(Cut { delta_mean, epsilon, width: self.width });
                             if self.width > 0.0 {
@@ -247,11 +259,9 @@ impl Adwin {
         first_cut
     }
 
-    fn cut_bound(&self, n0: f64, n1: f64) -> f64 {
-        let min_len = f64::from(self.cfg.min_window_length);
-        let delta_prime = (2.0 * self.width.ln() / self.cfg.delta).ln();
+    fn cut_bound(min_len: f64, n0: f64, n1: f64, delta_prime: f64, variance_per_point: f64) -> f64 {
         let m_recip = 1.0 / (n0 - min_len + 1.0) + 1.0 / (n1 - min_len + 1.0);
-        (2.0 * m_recip * (self.variance / self.width) * delta_prime).sqrt() + 2.0 / 3.0 * delta_prime * m_recip
+        (2.0 * m_recip * variance_per_point * delta_prime).sqrt() + 2.0 / 3.0 * delta_prime * m_recip
     }
 }
 
