@@ -46,10 +46,10 @@ fn wasm(component: &StrategyComponent, config: &str, scores: &[f64], ts: &[i64],
     let mut points = PointBatch::new();
     let mut fired = 0;
     for (s, t) in scores.chunks(batch).zip(ts.chunks(batch)) {
+        // Both paths start from the same columns in memory: the host copies
+        // them into its batch, then across the boundary.
         points.clear();
-        for (&score, &timestamp) in s.iter().zip(t) {
-            points.push_score(score, timestamp);
-        }
+        points.extend_scores(s, t);
         fired += inst.evaluate("bench-model", &points).expect("evaluate").len();
     }
     fired
@@ -117,7 +117,7 @@ fn stream(n: usize) -> (Vec<f64>, Vec<i64>) {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let n = if quick { 1 << 16 } else { 1 << 20 };
-    let reps = if quick { 2 } else { 5 };
+    let reps = if quick { 2 } else { 15 };
     let (scores, ts) = stream(n);
 
     let cache = tempfile::tempdir().expect("temp dir");
@@ -146,6 +146,25 @@ fn main() {
         },
         Case { name: "adwin", builtin: "adwin", config: "{}", native: native::<visutility_adwin::Adwin> },
     ];
+    // `-- --profile NAME [native]`: only NAME's WASM (or native) path at
+    // batch 1024 for ~5 s, to run under `perf record` (with
+    // `VISUTILITY_PERFMAP=1` so that perf names the guest's functions).
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--profile") {
+        let case = cases.iter().find(|c| Some(c.name) == args.get(i + 1).map(String::as_str)).expect("--profile NAME");
+        let native = args.get(i + 2).is_some_and(|a| a == "native");
+        let component =
+            StrategyComponent::load_with(runtime, &StrategySource::Builtin(case.builtin.into())).expect("load");
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until {
+            if native {
+                black_box((case.native)(case.config, &scores, &ts, 1024));
+            } else {
+                black_box(wasm(&component, case.config, &scores, &ts, 1024));
+            }
+        }
+        return;
+    }
     for case in &cases {
         let component =
             StrategyComponent::load_with(runtime, &StrategySource::Builtin(case.builtin.into())).expect("load");
@@ -167,8 +186,9 @@ fn main() {
         }
     }
 
-    // Where the WASM path's time goes besides the guest: filling the
-    // columnar batches on the host (part of every wasm row above).
+    // The host's side of filling batches point by point, as ingestion does
+    // from parsed snapshots (not part of the figures above, which copy
+    // columns).
     let (tf, _) = best(reps, || {
         let mut points = PointBatch::new();
         let mut total = 0;
@@ -181,10 +201,7 @@ fn main() {
         }
         total
     });
-    println!(
-        "\nhost side alone, filling batches of 1024: {:.2} ns/pt (included in every wasm figure above)",
-        tf.as_nanos() as f64 / n as f64
-    );
+    println!("\nfilling batches of 1024 point by point (as ingestion does): {:.2} ns/pt", tf.as_nanos() as f64 / n as f64);
 
     println!("\n# what the sandbox costs: page-hinkley and adwin at batch 1024, per engine setting\n");
     println!("| detector | setting | wasm ns/pt | wasm/native |");

@@ -145,6 +145,11 @@ impl Runtime {
             .max_wasm_stack(config.max_wasm_stack)
             .cranelift_nan_canonicalization(config.nan_canonicalization)
             .parallel_compilation(true);
+        // `VISUTILITY_PERFMAP=1` writes /tmp/perf-<pid>.map so that `perf
+        // record` / `perf report` name the guest's functions.
+        if std::env::var_os("VISUTILITY_PERFMAP").is_some_and(|v| v == "1") {
+            wasm.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&wasm).map_err(|e| LoadError::Engine(e.to_string()))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| LoadError::Engine(e.to_string()))?;

@@ -69,30 +69,53 @@ const SCHEMA: &str = r#"{
 /// Buckets of one level, oldest first: each holds the total and the variance
 /// (sum of squared deviations) of `2^level` values.
 ///
-/// Ring buffers: dropping the oldest buckets (every other point) must not
-/// shift memory, which in WebAssembly is a call out of the guest. They
-/// serialise exactly like a `Vec`, so saved states are unchanged.
+/// One ring buffer of pairs: dropping the oldest buckets (every other point)
+/// must not shift memory, which in WebAssembly is a call out of the guest.
+/// Saved as two lists (`totals`, `variances`), the state format of earlier
+/// versions.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(from = "LevelState", into = "LevelState")]
 struct Level {
-    totals: VecDeque<f64>,
-    variances: VecDeque<f64>,
+    /// `(total, variance)` of each bucket.
+    buckets: VecDeque<(f64, f64)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct LevelState {
+    totals: Vec<f64>,
+    variances: Vec<f64>,
+}
+
+impl From<LevelState> for Level {
+    fn from(s: LevelState) -> Self {
+        Level { buckets: s.totals.into_iter().zip(s.variances).collect() }
+    }
+}
+
+impl From<Level> for LevelState {
+    fn from(l: Level) -> Self {
+        let (totals, variances) = l.buckets.into_iter().unzip();
+        LevelState { totals, variances }
+    }
 }
 
 impl Level {
     fn len(&self) -> usize {
-        self.totals.len()
+        self.buckets.len()
     }
 
     fn push(&mut self, total: f64, variance: f64) {
-        self.totals.push_back(total);
-        self.variances.push_back(variance);
+        self.buckets.push_back((total, variance));
     }
 
     fn drop_oldest(&mut self, n: usize) {
         for _ in 0..n {
-            self.totals.pop_front();
-            self.variances.pop_front();
+            self.buckets.pop_front();
         }
+    }
+
+    fn total(&self, k: usize) -> f64 {
+        self.buckets[k].0
     }
 }
 
@@ -170,13 +193,21 @@ impl Adwin {
 
     /// Merges the two oldest buckets of every full level into one bucket of
     /// the next level.
+    #[inline]
     fn compress(&mut self) {
+        if self.levels[0].len() == self.cfg.max_buckets as usize + 1 {
+            self.merge_full_levels();
+        }
+    }
+
+    #[inline(never)]
+    fn merge_full_levels(&mut self) {
         let full = self.cfg.max_buckets as usize + 1;
         let mut level = 0;
         while self.levels[level].len() == full {
             let n = (1u64 << level) as f64;
             let l = &self.levels[level];
-            let (t0, t1, v0, v1) = (l.totals[0], l.totals[1], l.variances[0], l.variances[1]);
+            let ((t0, v0), (t1, v1)) = (l.buckets[0], l.buckets[1]);
             let (m0, m1) = (t0 / n, t1 / n);
             let merged_variance = v0 + v1 + n * 0.5 * (m0 - m1) * (m0 - m1);
             if level + 1 == self.levels.len() {
@@ -195,7 +226,7 @@ impl Adwin {
     fn drop_oldest_bucket(&mut self) {
         let top = self.levels.len() - 1;
         let n = (1u64 << top) as f64;
-        let (u, v) = (self.levels[top].totals[0], self.levels[top].variances[0]);
+        let (u, v) = self.levels[top].buckets[0];
         let mu = u / n;
         self.width -= n;
         self.total -= u;
@@ -233,7 +264,7 @@ impl Adwin {
                 let size = (1u64 << level) as f64;
                 let count = self.levels[level].len();
                 for k in 0..count {
-                    let t = self.levels[level].totals[k];
+                    let t = self.levels[level].total(k);
                     n0 += size;
                     n1 -= size;
                     u0 += t;
@@ -354,6 +385,17 @@ mod tests {
         assert!((d.variance - ss).abs() / ss < 1e-9, "{} vs {ss}", d.variance);
         let buckets: usize = d.levels.iter().map(Level::len).sum();
         assert!(buckets <= 6 * d.levels.len() && d.levels.len() <= 10);
+    }
+
+    #[test]
+    fn levels_save_as_two_lists_like_earlier_versions() {
+        let mut level = Level::default();
+        level.push(1.5, 0.25);
+        level.push(-2.0, 4.0);
+        let as_lists = LevelState { totals: vec![1.5, -2.0], variances: vec![0.25, 4.0] };
+        assert_eq!(postcard::to_allocvec(&level).unwrap(), postcard::to_allocvec(&as_lists).unwrap());
+        let back: Level = postcard::from_bytes(&postcard::to_allocvec(&as_lists).unwrap()).unwrap();
+        assert_eq!(back.buckets, level.buckets);
     }
 
     #[test]
