@@ -302,11 +302,13 @@ pub enum Direction {
 
 impl Direction {
     /// Whether increases are reported.
+    #[inline]
     pub fn up(self) -> bool {
         self != Direction::Down
     }
 
     /// Whether decreases are reported.
+    #[inline]
     pub fn down(self) -> bool {
         self != Direction::Up
     }
@@ -361,6 +363,7 @@ pub mod stats {
 
     impl Welford {
         /// Adds one value.
+        #[inline]
         pub fn push(&mut self, x: f64) {
             self.n += 1;
             let d = x - self.mean;
@@ -369,16 +372,19 @@ pub mod stats {
         }
 
         /// Values seen.
+        #[inline]
         pub fn count(&self) -> u64 {
             self.n
         }
 
         /// The mean (0 before any value).
+        #[inline]
         pub fn mean(&self) -> f64 {
             self.mean
         }
 
         /// The sample standard deviation (n - 1), 0 with fewer than 2 values.
+        #[inline]
         pub fn std(&self) -> f64 {
             if self.n < 2 { 0.0 } else { (self.m2 / (self.n - 1) as f64).sqrt() }
         }
@@ -422,6 +428,7 @@ pub mod stats {
 
         /// Feeds a value; returns `Some((mean, sigma))` once both are known
         /// (the value that completes the warm-up is not evaluated).
+        #[inline]
         pub fn observe(&mut self, x: f64) -> Option<(f64, f64)> {
             if let (Some(t), Some(s)) = (self.target, self.sigma) {
                 return Some((t, s.max(self.min_sigma)));
@@ -435,6 +442,7 @@ pub mod stats {
         }
 
         /// The learnt or given reference, once known.
+        #[inline]
         pub fn get(&self) -> Option<(f64, f64)> {
             Some((self.target?, self.sigma?.max(self.min_sigma)))
         }
