@@ -53,7 +53,7 @@ const SCHEMA: &str = r#"{
   "type": "object",
   "additionalProperties": false,
   "properties": {
-    "min_instances": {"type": "integer", "minimum": 1, "default": 30},
+    "min_instances": {"type": "integer", "minimum": 1, "maximum": 9007199254740992, "default": 30},
     "delta": {"type": "number", "default": 0.005},
     "threshold": {"type": "number", "exclusiveMinimum": 0, "default": 50.0},
     "alpha": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.9999},
@@ -126,7 +126,9 @@ impl PageHinkley {
         if self.sum_decrease > self.max_decrease {
             self.max_decrease = self.sum_decrease;
         }
-        if self.n >= self.cfg.min_instances as f64 {
+        // Validated to be at most 2^53: the signed conversion is exact and
+        // one instruction (the unsigned one is a branchy sequence in WASM).
+        if self.n >= self.cfg.min_instances as i64 as f64 {
             let up = self.sum_increase - self.min_increase;
             let down = self.max_decrease - self.sum_decrease;
             let t = self.cfg.threshold;
@@ -160,8 +162,8 @@ impl Detector for PageHinkley {
         if !(c.alpha > 0.0 && c.alpha <= 1.0) {
             return Err(format!("`alpha` must be in (0, 1], got {}", c.alpha));
         }
-        if c.min_instances == 0 {
-            return Err("`min_instances` must be at least 1".into());
+        if c.min_instances == 0 || c.min_instances > 1 << 53 {
+            return Err(format!("`min_instances` must be between 1 and 2^53, got {}", c.min_instances));
         }
         Ok(())
     }
