@@ -40,7 +40,7 @@ TOML
   if [ "$variant" = with-hostile ]; then
     curl -s "http://127.0.0.1:$PORT/metrics" | grep -E '^visutility_(strategy_traps_total|points_shed_total)\{monitor="hostile"\}' || true
   fi
-  kill -TERM "$pid"; wait "$pid" || true
+  local t0=$SECONDS; kill -TERM "$pid"; wait "$pid" || true; echo "shutdown took $((SECONDS - t0)) s"
   rm -rf "$dir"
 }
 

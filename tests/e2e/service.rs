@@ -523,6 +523,46 @@ argv = ["sh", "-c", "cat > quarantine.json"]
     assert_eq!(metric(&server, "visutility_monitor_quarantined{monitor=\"bad\"}"), 0.0);
 }
 
+#[test]
+fn shutdown_is_not_held_up_by_a_failing_strategy_in_back_off() {
+    let env = Env::new();
+    let hostile = crate::util::guest("hostile");
+    let server = Server::start(
+        &env,
+        &format!(
+            r#"
+[[monitor]]
+name = "good"
+strategy = "builtin:baseline"
+config = {{ baseline = 0.9 }}
+
+[[monitor]]
+name = "looping"
+strategy = "{hostile}"
+config = {{ mode = "loop" }}
+limits = {{ deadline = "100ms" }}
+max_failures = 1000
+restart_backoff = "20s"
+"#
+        ),
+        &[],
+    );
+    for i in 0..5 {
+        assert_eq!(server.post_ndjson(&[snap("a", 0.95), snap("a", 0.96)]).0, 202, "request {i}");
+    }
+    wait_for("the first failure", Duration::from_secs(20), || {
+        (metric(&server, "visutility_strategy_traps_total{monitor=\"looping\"}") >= 1.0).then_some(())
+    });
+    wait_for("good evaluates", Duration::from_secs(10), || {
+        (metric(&server, "visutility_points_evaluated_total{monitor=\"good\"}") == 10.0).then_some(())
+    });
+    // The looping monitor now waits 20 s before its next try, with batches
+    // queued behind it; stopping must not wait for them.
+    let started = std::time::Instant::now();
+    assert_eq!(server.terminate(), Some(0));
+    assert!(started.elapsed() < Duration::from_secs(10), "shutdown took {:?}", started.elapsed());
+}
+
 fn http_with_auth(addr: SocketAddr, path: &str, token: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     write!(s, "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n").unwrap();

@@ -281,7 +281,7 @@ async fn metrics(State(service): State<Arc<Service>>) -> Response {
         ("visutility_strategy_log_lines_dropped_total", "counter", "Guest log lines dropped by the rate limit.", |s| s.log_lines_dropped.load(Ordering::Relaxed)),
         ("visutility_strategy_output_bytes_dropped_total", "counter", "Guest stdout/stderr bytes dropped by the cap.", |s| s.output_bytes_dropped.load(Ordering::Relaxed)),
         ("visutility_monitor_quarantined", "gauge", "1 when the monitor is quarantined.", |s| u64::from(s.quarantined.load(Ordering::Relaxed))),
-        ("visutility_points_skipped_total", "counter", "Snapshots not evaluated while quarantined.", |s| s.points_skipped.load(Ordering::Relaxed)),
+        ("visutility_points_skipped_total", "counter", "Snapshots not evaluated: quarantined, or failing when the service stopped.", |s| s.points_skipped.load(Ordering::Relaxed)),
         ("visutility_points_accepted_total", "counter", "Snapshots queued for a monitor.", |s| s.points_accepted.load(Ordering::Relaxed)),
         ("visutility_points_evaluated_total", "counter", "Snapshots evaluated by a monitor's strategy.", |s| s.points_evaluated.load(Ordering::Relaxed)),
         ("visutility_signals_suppressed_total", "counter", "Retrain verdicts suppressed by the cooldown.", |s| s.suppressed.load(Ordering::Relaxed)),

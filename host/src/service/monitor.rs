@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -56,7 +56,8 @@ pub struct MonitorStats {
     pub log_lines_dropped: AtomicU64,
     /// Guest stdout/stderr bytes dropped by the sandbox's cap.
     pub output_bytes_dropped: AtomicU64,
-    /// Snapshots not evaluated because the monitor was quarantined.
+    /// Snapshots not evaluated because the monitor was quarantined, or its
+    /// strategy was failing when the service stopped.
     pub points_skipped: AtomicU64,
     /// Snapshots not queued because the monitor was failing and its queue
     /// was full.
@@ -135,6 +136,9 @@ pub struct Monitor {
     capacity: usize,
     tx: Mutex<Option<mpsc::Sender<Message>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Set by [`stop`](Self::stop): back-off waits end, and a failing
+    /// strategy does not hold the shutdown up.
+    stopping: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Monitor {
@@ -182,8 +186,11 @@ impl Monitor {
         restore_states(&mut instance, &outbox.store, &config.name);
 
         let stats = Arc::new(MonitorStats::default());
+        let stopping = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
         let worker = Worker {
+            stopping: stopping.clone(),
+            skipped_at_stop: 0,
             config: config.clone(),
             component,
             json,
@@ -206,6 +213,7 @@ impl Monitor {
             capacity,
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
+            stopping,
         }))
     }
 
@@ -253,6 +261,7 @@ impl Monitor {
     /// Stops accepting batches, lets the worker drain its queue and
     /// checkpoint, and waits for it.
     pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
         self.tx.lock().take();
         if let Some(t) = self.thread.lock().take() {
             let _ = t.join();
@@ -329,6 +338,10 @@ struct Worker {
     info: StrategyInfo,
     meta: ComponentMeta,
     checkpoint_every: Duration,
+    stopping: Arc<AtomicBool>,
+    /// Snapshots not evaluated because the strategy was failing when the
+    /// service stopped.
+    skipped_at_stop: u64,
 }
 
 impl Worker {
@@ -364,6 +377,13 @@ impl Worker {
             }
         }
         self.checkpoint();
+        if self.skipped_at_stop > 0 {
+            tracing::warn!(
+                monitor = %self.config.name,
+                skipped = self.skipped_at_stop,
+                "stopped without evaluating the rest of its queue: its strategy was failing"
+            );
+        }
         tracing::info!(monitor = %self.config.name, "monitor stopped after draining its queue");
     }
 
@@ -401,6 +421,14 @@ impl Worker {
         for (model, positions) in groups {
             if self.stats.quarantined.load(Ordering::Relaxed) {
                 self.stats.points_skipped.fetch_add(positions.len() as u64, Ordering::Relaxed);
+                continue;
+            }
+            // Stopping with a failing strategy: draining through it (a
+            // deadline per batch, then back-off) could hold the shutdown up
+            // for hours, and a failing call yields no verdicts anyway.
+            if self.stopping.load(Ordering::Relaxed) && self.stats.consecutive_failures.load(Ordering::Relaxed) > 0 {
+                self.stats.points_skipped.fetch_add(positions.len() as u64, Ordering::Relaxed);
+                self.skipped_at_stop += positions.len() as u64;
                 continue;
             }
             last_seen.insert(model.to_string(), now);
@@ -499,7 +527,14 @@ impl Worker {
         }
         let exp = u32::try_from(failures - 1).unwrap_or(u32::MAX).min(16);
         let delay = self.config.restart_backoff.saturating_mul(1 << exp).min(Duration::from_secs(30));
-        std::thread::sleep(delay);
+        let until = Instant::now() + delay;
+        while !self.stopping.load(Ordering::Relaxed) {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(20)));
+        }
         self.restart();
     }
 

@@ -26,7 +26,9 @@ pub struct LoadgenArgs {
     /// Distinct models in the stream.
     #[arg(long, default_value_t = 16)]
     models: usize,
-    /// Also report this monitor's own evaluation rate.
+    /// Report this monitor's own evaluation rate, and check zero loss for
+    /// it alone (other monitors, e.g. one with a failing strategy, may still
+    /// have points queued).
     #[arg(long)]
     monitor: Option<String>,
 }
@@ -51,16 +53,24 @@ fn body(batch: usize, models: usize, seed: usize) -> Vec<u8> {
     out.into_bytes()
 }
 
-async fn evaluated_and_accepted(client: &reqwest::Client, url: &str) -> anyhow::Result<(f64, f64)> {
+/// Points evaluated and accepted, summed over every monitor or for
+/// `monitor` alone.
+async fn evaluated_and_accepted(client: &reqwest::Client, url: &str, monitor: Option<&str>) -> anyhow::Result<(f64, f64)> {
     let text = client.get(format!("{url}/metrics")).send().await?.text().await?;
+    let label = monitor.map(|m| format!("{{monitor=\"{m}\"}} "));
     let mut evaluated = 0.0;
     let mut accepted = 0.0;
     for line in text.lines() {
-        if line.starts_with("visutility_points_evaluated_total{") {
-            evaluated += line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let value = || line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let ours = |prefix: &str| match &label {
+            Some(l) => line.strip_prefix(prefix).is_some_and(|rest| rest.starts_with(l.as_str())),
+            None => line.starts_with(prefix) && line[prefix.len()..].starts_with('{'),
+        };
+        if ours("visutility_points_evaluated_total") {
+            evaluated += value();
         }
-        if line.starts_with("visutility_points_accepted_total{") {
-            accepted += line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        if ours("visutility_points_accepted_total") {
+            accepted += value();
         }
     }
     Ok((evaluated, accepted))
@@ -78,7 +88,10 @@ async fn load(args: LoadgenArgs) -> Result<(), Failure> {
     let url = args.url.trim_end_matches('/').to_string();
     let client = reqwest::Client::builder().pool_max_idle_per_host(args.connections).build().map_err(Failure::runtime)?;
     let (evaluated0, accepted0) =
-        evaluated_and_accepted(&client, &url).await.context("cannot reach the service's /metrics").map_err(Failure::input)?;
+        evaluated_and_accepted(&client, &url, args.monitor.as_deref())
+            .await
+            .context("cannot reach the service's /metrics")
+            .map_err(Failure::input)?;
     let monitor0 = match &args.monitor {
         Some(m) => Some(monitor_evaluated(&client, &url, m).await.map_err(Failure::input)?),
         None => None,
@@ -138,7 +151,7 @@ async fn load(args: LoadgenArgs) -> Result<(), Failure> {
     // Zero loss: every accepted snapshot must be evaluated.
     let wait_until = Instant::now() + Duration::from_secs(60);
     let (evaluated, accepted) = loop {
-        let (e, a) = evaluated_and_accepted(&client, &url).await.map_err(Failure::runtime)?;
+        let (e, a) = evaluated_and_accepted(&client, &url, args.monitor.as_deref()).await.map_err(Failure::runtime)?;
         if e - evaluated0 >= a - accepted0 || Instant::now() > wait_until {
             break (e - evaluated0, a - accepted0);
         }
@@ -156,7 +169,8 @@ async fn load(args: LoadgenArgs) -> Result<(), Failure> {
         pct(0.99).as_secs_f64() * 1e3,
         latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3
     );
-    println!("monitors: {accepted:.0} points accepted, {evaluated:.0} evaluated ({} lost)", (accepted - evaluated).max(0.0));
+    let which = args.monitor.as_ref().map_or("monitors".to_string(), |m| format!("monitor `{m}`"));
+    println!("{which}: {accepted:.0} points accepted, {evaluated:.0} evaluated ({} lost)", (accepted - evaluated).max(0.0));
     if evaluated < accepted {
         return Err(Failure::runtime(anyhow!("{} accepted points were not evaluated", accepted - evaluated)));
     }
