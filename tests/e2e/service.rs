@@ -389,10 +389,12 @@ fn metrics_scrape_follows_the_prometheus_text_format() {
 #[test]
 fn run_check_validates_the_config_and_its_strategies() {
     let env = Env::new();
-    env.write("good.toml", "[[monitor]]\nname = \"m\"\nstrategy = \"builtin:cusum\"\nconfig = { k = 0.5 }\n");
+    env.write("good.toml", "canonicalize_nans = true\n[[monitor]]\nname = \"m\"\nstrategy = \"builtin:cusum\"\nconfig = { k = 0.5 }\n");
     let run = env.run(&["run", "--config", "good.toml", "--check"]);
     run.ok();
     assert!(run.stdout.contains("configuration ok: 1 monitor(s)"), "{}", run.stdout);
+    env.write("bad-nans.toml", "canonicalize_nans = \"yes\"\n");
+    env.run(&["run", "--config", "bad-nans.toml", "--check"]).fails_with(2, "canonicalize_nans");
     env.write("bad-key.toml", "[[monitor]]\nname = \"m\"\nstrategy = \"builtin:cusum\"\ncooldown = \"later\"\n");
     env.run(&["run", "--config", "bad-key.toml", "--check"]).fails_with(2, "config `bad-key.toml`");
     env.write("bad-strategy-config.toml", "[[monitor]]\nname = \"m\"\nstrategy = \"builtin:cusum\"\nconfig = { k = -1 }\n");
