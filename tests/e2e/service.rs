@@ -456,29 +456,30 @@ max_attempts = 2
     assert_eq!(metric(&server, "visutility_deliveries{state=\"failed\"}"), 1.0);
 }
 
+/// A config with a healthy `good` monitor (fixed baseline 0.9) and a monitor
+/// `name` running the hostile test guest with `rest` (its config, limits,
+/// actions).
+fn beside_good(name: &str, rest: &str) -> String {
+    let hostile = crate::util::guest("hostile");
+    format!(
+        "[[monitor]]\nname = \"good\"\nstrategy = \"builtin:baseline\"\nconfig = {{ baseline = 0.9 }}\n\n\
+         [[monitor]]\nname = \"{name}\"\nstrategy = \"{hostile}\"\n{rest}\n"
+    )
+}
+
 #[test]
 fn a_failing_strategy_is_recorded_restarted_then_quarantined_and_resumable() {
     let env = Env::new();
-    let hostile = crate::util::guest("hostile");
     let server = Server::start(
         &env,
-        &format!(
-            r#"
-[[monitor]]
-name = "good"
-strategy = "builtin:baseline"
-config = {{ baseline = 0.9 }}
-
-[[monitor]]
-name = "bad"
-strategy = "{hostile}"
-config = {{ mode = "panic" }}
+        &beside_good(
+            "bad",
+            r#"config = { mode = "panic" }
 max_failures = 3
 restart_backoff = "10ms"
 [[monitor.action]]
 kind = "exec"
-argv = ["sh", "-c", "cat > quarantine.json"]
-"#
+argv = ["sh", "-c", "cat > quarantine.json"]"#,
         ),
         &[("VISUTILITY_ADMIN_TOKEN", "tok")],
     );
@@ -528,24 +529,14 @@ argv = ["sh", "-c", "cat > quarantine.json"]
 #[test]
 fn shutdown_is_not_held_up_by_a_failing_strategy_in_back_off() {
     let env = Env::new();
-    let hostile = crate::util::guest("hostile");
     let server = Server::start(
         &env,
-        &format!(
-            r#"
-[[monitor]]
-name = "good"
-strategy = "builtin:baseline"
-config = {{ baseline = 0.9 }}
-
-[[monitor]]
-name = "looping"
-strategy = "{hostile}"
-config = {{ mode = "loop" }}
-limits = {{ deadline = "100ms" }}
+        &beside_good(
+            "looping",
+            r#"config = { mode = "loop" }
+limits = { deadline = "100ms" }
 max_failures = 1000
-restart_backoff = "20s"
-"#
+restart_backoff = "20s""#,
         ),
         &[],
     );
