@@ -253,7 +253,7 @@ fn runaway_strategies_end_with_an_error_naming_the_strategy_and_cause() {
     let cases = [
         (r#"{"mode":"loop"}"#, vec!["--fuel", "50000000"], "out of fuel"),
         (r#"{"mode":"loop"}"#, vec!["--fuel", "100000000000000", "--deadline", "300ms"], "deadline of 300ms exceeded"),
-        (r#"{"mode":"panic","at":1}"#, vec![], "trap"),
+        (r#"{"mode":"panic","at":1}"#, vec![], "trap: wasm `unreachable` instruction executed; the guest panicked at tests/guests/hostile/src/lib.rs"),
         (r#"{"mode":"grow"}"#, vec![], "memory cap exceeded"),
         (r#"{"mode":"recurse"}"#, vec![], "stack overflow"),
     ];

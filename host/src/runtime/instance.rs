@@ -448,10 +448,13 @@ impl StrategyInstance {
         if self.fuel_metering {
             self.last_fuel = budget.saturating_sub(self.store.get_fuel().unwrap_or(0));
         }
-        self.store.data_mut().flush_output();
+        let panic = self.store.data_mut().flush_output();
         result.map_err(|e| {
             self.poisoned = true;
-            let fault = classify(&e, &self.store, &self.limits);
+            let fault = match (classify(&e, &self.store, &self.limits), panic) {
+                (StrategyFault::Trap(trap), Some(panic)) => StrategyFault::Trap(format!("{trap}; the guest {panic}")),
+                (fault, _) => fault,
+            };
             self.error(name, fault)
         })
     }
@@ -465,13 +468,16 @@ fn classify(e: &wasmtime::Error, store: &Store<HostState>, limits: &Limits) -> S
         Some(Trap::OutOfFuel) => StrategyFault::OutOfFuel { budget: limits.fuel },
         Some(Trap::Interrupt) => StrategyFault::Deadline { deadline: limits.deadline },
         Some(Trap::StackOverflow) => StrategyFault::StackOverflow,
-        _ => {
-            // The first line is the trap; the rest is a wasm backtrace that is
-            // useful in logs but too long for an error message.
-            let text = format!("{e:#}");
-            let mut lines = text.lines();
-            let first = lines.next().unwrap_or("unknown trap").to_string();
-            StrategyFault::Trap(first)
+        // The trap itself (`wasm `unreachable` instruction executed`, an
+        // out-of-bounds access...), not the backtrace around it.
+        Some(trap) => {
+            let text = trap.to_string();
+            StrategyFault::Trap(text.strip_prefix("wasm trap: ").unwrap_or(&text).to_string())
+        }
+        None => {
+            // A host-side error: the root cause's first line.
+            let text = e.root_cause().to_string();
+            StrategyFault::Trap(text.lines().next().unwrap_or("unknown error").to_string())
         }
     }
 }

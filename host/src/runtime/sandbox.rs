@@ -90,16 +90,33 @@ impl HostState {
     }
 
     /// Forwards what the guest wrote to stdout/stderr during the call.
-    pub(crate) fn flush_output(&mut self) {
+    /// Returns the panic message a Rust guest wrote to stderr, if any
+    /// (`panicked at FILE:LINE:COL: MESSAGE`), for the trap's error.
+    pub(crate) fn flush_output(&mut self) -> Option<String> {
+        let mut panic = None;
         for (stream, out) in [("stdout", &self.stdout), ("stderr", &self.stderr)] {
             let bytes = out.take();
             if !bytes.is_empty() {
                 let text = String::from_utf8_lossy(&bytes);
-                for line in text.lines().filter(|l| !l.is_empty()) {
+                let mut lines = text.lines().filter(|l| !l.is_empty());
+                while let Some(line) = lines.next() {
                     tracing::info!(target: "visutility::strategy", strategy = %self.label, stream, "{line}");
+                    if stream == "stderr"
+                        && panic.is_none()
+                        && let Some(at) = line.find("panicked at ")
+                    {
+                        let mut message = line[at..].to_string();
+                        if let Some(next) = lines.next() {
+                            tracing::info!(target: "visutility::strategy", strategy = %self.label, stream, "{next}");
+                            message.push(' ');
+                            message.push_str(next);
+                        }
+                        panic = Some(truncate_chars(message, 512));
+                    }
                 }
             }
         }
+        panic
     }
 }
 
@@ -300,4 +317,16 @@ impl tokio::io::AsyncWrite for CapturedOutput {
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
     }
+}
+
+fn truncate_chars(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
 }
