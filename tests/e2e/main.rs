@@ -7,4 +7,5 @@ mod river;
 mod runtime;
 mod sandbox;
 mod service;
+mod swap;
 mod util;

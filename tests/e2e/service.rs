@@ -11,13 +11,13 @@ use serde_json::Value;
 use crate::util::Env;
 
 /// A running `visutility run`; killed on drop.
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
 }
 
 impl Server {
-    fn start(env: &Env, config: &str, extra_env: &[(&str, &str)]) -> Server {
+    pub(crate) fn start(env: &Env, config: &str, extra_env: &[(&str, &str)]) -> Server {
         env.write("visutility.toml", format!("listen = \"127.0.0.1:0\"\ndb = \"signals.db\"\ncheckpoint_every = \"1h\"\n{config}"));
         let mut cmd = env.cmd();
         cmd.args(["run", "--config", "visutility.toml"]).stdout(Stdio::piped()).stderr(Stdio::null());
@@ -37,17 +37,17 @@ impl Server {
         Server { child, addr }
     }
 
-    fn request(&self, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+    pub(crate) fn request(&self, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
         http(self.addr, method, path, content_type, body)
     }
 
-    fn get_json(&self, path: &str) -> Value {
+    pub(crate) fn get_json(&self, path: &str) -> Value {
         let (status, body) = self.request("GET", path, "", b"");
         assert_eq!(status, 200, "{path}: {body}");
         serde_json::from_str(&body).unwrap()
     }
 
-    fn post_ndjson(&self, lines: &[String]) -> (u16, String) {
+    pub(crate) fn post_ndjson(&self, lines: &[String]) -> (u16, String) {
         self.request("POST", "/v1/snapshots", "application/x-ndjson", lines.join("\n").as_bytes())
     }
 
@@ -55,7 +55,7 @@ impl Server {
         self.get_json("/v1/signals")["signals"].as_array().unwrap().clone()
     }
 
-    fn terminate(mut self) -> Option<i32> {
+    pub(crate) fn terminate(mut self) -> Option<i32> {
         unsafe_kill(self.child.id(), "TERM");
         let status = self.child.wait().unwrap();
         std::mem::forget(self);
@@ -82,11 +82,17 @@ fn unsafe_kill(pid: u32, signal: &str) {
 }
 
 fn http(addr: SocketAddr, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+    let headers: &[(&str, &str)] = if content_type.is_empty() { &[] } else { &[("Content-Type", content_type)] };
+    http_with(addr, method, path, headers, body)
+}
+
+/// One request with extra `headers`; the status and the body.
+pub(crate) fn http_with(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
-    if !content_type.is_empty() {
-        req.push_str(&format!("Content-Type: {content_type}\r\n"));
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
     s.write_all(req.as_bytes()).unwrap();
@@ -99,11 +105,11 @@ fn http(addr: SocketAddr, method: &str, path: &str, content_type: &str, body: &[
     (status, body)
 }
 
-fn snap(model: &str, score: f64) -> String {
+pub(crate) fn snap(model: &str, score: f64) -> String {
     serde_json::json!({"model_version": model, "score": score}).to_string()
 }
 
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+pub(crate) fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let started = Instant::now();
     loop {
         if let Some(v) = f() {
@@ -144,7 +150,7 @@ fn webhook_receiver() -> (SocketAddr, mpsc::Receiver<(String, Vec<u8>)>) {
     (addr, rx)
 }
 
-fn metric(server: &Server, sample: &str) -> f64 {
+pub(crate) fn metric(server: &Server, sample: &str) -> f64 {
     let (_, text) = server.request("GET", "/metrics", "", b"");
     text.lines()
         .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
@@ -557,9 +563,5 @@ restart_backoff = "20s""#,
 }
 
 fn http_with_auth(addr: SocketAddr, path: &str, token: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(s, "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    (resp.split_whitespace().nth(1).unwrap().parse().unwrap(), resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+    http_with(addr, "POST", path, &[("Authorization", &format!("Bearer {token}"))], b"")
 }

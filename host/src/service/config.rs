@@ -103,6 +103,12 @@ pub struct MonitorConfig {
     /// per consecutive failure (at most 30 s).
     #[serde(default = "default_restart_backoff", deserialize_with = "duration")]
     pub restart_backoff: Duration,
+    /// After a swap, how long a new version is on probation.
+    #[serde(default = "default_probation", deserialize_with = "duration")]
+    pub probation: Duration,
+    /// Failures within the probation that roll a new version back.
+    #[serde(default = "default_probation_failures")]
+    pub probation_failures: u32,
     /// What to do with a signal.
     #[serde(default, rename = "action")]
     pub actions: Vec<ActionConfig>,
@@ -229,6 +235,8 @@ impl ServiceConfig {
                 shadow: false,
                 max_failures: default_max_failures(),
                 restart_backoff: default_restart_backoff(),
+                probation: default_probation(),
+                probation_failures: default_probation_failures(),
                 actions: vec![ActionConfig::Log],
             }],
         }
@@ -370,6 +378,12 @@ fn default_max_failures() -> u32 {
 }
 fn default_restart_backoff() -> Duration {
     Duration::from_millis(100)
+}
+fn default_probation() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_probation_failures() -> u32 {
+    3
 }
 fn default_admin_token_env() -> String {
     "VISUTILITY_ADMIN_TOKEN".into()

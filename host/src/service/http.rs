@@ -10,7 +10,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -32,6 +32,9 @@ pub fn router(service: Arc<Service>) -> Router {
         .route("/v1/monitors", get(monitors))
         .route("/v1/monitors/{name}", get(monitor))
         .route("/v1/monitors/{name}/resume", post(resume))
+        .route("/v1/monitors/{name}/strategy", put(put_strategy))
+        .route("/v1/monitors/{name}/rollback", post(rollback))
+        .route("/v1/monitors/{name}/swaps", get(swaps))
         .route("/v1/signals", get(signals))
         .route("/v1/failures", get(failures))
         .route("/metrics", get(metrics))
@@ -196,6 +199,120 @@ async fn resume(State(service): State<Arc<Service>>, Path(name): Path<String>, h
     }
 }
 
+/// How long an API call waits for a monitor to validate and swap.
+const SWAP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SwapParams {
+    /// The candidate's configuration (JSON); absent: the monitor's current one.
+    config: Option<String>,
+}
+
+/// `PUT /v1/monitors/{name}/strategy`: the body is a component. Compiled off
+/// the monitor's thread, validated by the monitor, then served from the next
+/// batch on; refused with the reason otherwise (the running one keeps
+/// serving).
+async fn put_strategy(
+    State(service): State<Arc<Service>>,
+    Path(name): Path<String>,
+    Query(p): Query<SwapParams>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(resp) = admin(&service, &headers) {
+        return *resp;
+    }
+    let Some(monitor) = service.monitors.iter().find(|m| m.config.name == name).cloned() else {
+        return error(StatusCode::NOT_FOUND, json!({"error": format!("no monitor named `{name}`")}));
+    };
+    if let Some(c) = &p.config
+        && let Err(e) = serde_json::from_str::<serde_json::Value>(c)
+    {
+        return error(StatusCode::BAD_REQUEST, json!({"error": format!("`config` is not JSON: {e}")}));
+    }
+    let label = format!("upload to `{name}`");
+    let store = service.store.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let component = match crate::runtime::StrategyComponent::from_bytes(crate::runtime::Runtime::shared(), label, &body) {
+            Ok(c) => c,
+            Err(e) => {
+                // Refused before the monitor sees it: recorded here.
+                let reason = format!("candidate refused: {e}");
+                tracing::warn!(monitor = %monitor.config.name, "strategy swap refused: {reason}");
+                let old = monitor.status().strategy;
+                let record = super::store::SwapRecord {
+                    created: 0,
+                    monitor: monitor.config.name.clone(),
+                    trigger: "api".into(),
+                    outcome: "refused".into(),
+                    old_sha256: old.sha256,
+                    old_version: old.version,
+                    new_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&body)),
+                    new_version: String::new(),
+                    detail: reason.clone(),
+                };
+                if let Err(e) = store.record_swap(&record) {
+                    tracing::error!("cannot record the refused swap: {e}");
+                }
+                return Err((StatusCode::BAD_REQUEST, reason));
+            }
+        };
+        monitor.swap(component, p.config, "api", SWAP_WAIT).map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e))
+    })
+    .await;
+    swap_response(&service, &name, outcome)
+}
+
+fn swap_response(
+    service: &Service,
+    name: &str,
+    outcome: Result<Result<super::monitor::SwapReport, (StatusCode, String)>, tokio::task::JoinError>,
+) -> Response {
+    match outcome {
+        Ok(Ok(report)) => axum::Json(json!({ "monitor": name, "swapped": report })).into_response(),
+        Ok(Err((status, reason))) => {
+            service.metrics.swaps_refused.fetch_add(1, Ordering::Relaxed);
+            error(status, json!({ "error": reason, "serving": service.monitors.iter().find(|m| m.config.name == name).map(|m| m.status().strategy) }))
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()})),
+    }
+}
+
+/// `POST /v1/monitors/{name}/rollback`: serve the previous version again.
+async fn rollback(State(service): State<Arc<Service>>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+    if let Err(resp) = admin(&service, &headers) {
+        return *resp;
+    }
+    let Some(monitor) = service.monitors.iter().find(|m| m.config.name == name).cloned() else {
+        return error(StatusCode::NOT_FOUND, json!({"error": format!("no monitor named `{name}`")}));
+    };
+    let outcome = tokio::task::spawn_blocking(move || {
+        monitor.rollback("rollback (api)", SWAP_WAIT).map_err(|e| (StatusCode::CONFLICT, e))
+    })
+    .await;
+    swap_response(&service, &name, outcome)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SwapsParams {
+    limit: Option<usize>,
+}
+
+/// `GET /v1/monitors/{name}/swaps`: swaps, refusals and rollbacks, newest first.
+async fn swaps(State(service): State<Arc<Service>>, Path(name): Path<String>, Query(p): Query<SwapsParams>) -> Response {
+    if !service.monitors.iter().any(|m| m.config.name == name) {
+        return error(StatusCode::NOT_FOUND, json!({"error": format!("no monitor named `{name}`")}));
+    }
+    let store = service.store.clone();
+    match tokio::task::spawn_blocking(move || store.swaps(Some(&name), p.limit.unwrap_or(20))).await {
+        Ok(Ok(list)) => axum::Json(json!({ "swaps": list })).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()})),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()})),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FailuresParams {
@@ -270,6 +387,7 @@ async fn metrics(State(service): State<Arc<Service>>) -> Response {
     };
     counter("visutility_snapshots_accepted_total", "Snapshots accepted by ingestion.", m.accepted.load(Ordering::Relaxed));
     counter("visutility_snapshots_refused_total", "Snapshots refused as invalid.", m.refused.load(Ordering::Relaxed));
+    counter("visutility_strategy_swaps_refused_total", "Strategy swaps refused (validation failed).", m.swaps_refused.load(Ordering::Relaxed));
     counter(
         "visutility_snapshots_rejected_busy_total",
         "Snapshots rejected with 503 because a monitor was behind.",

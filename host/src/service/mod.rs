@@ -58,6 +58,8 @@ pub struct ServiceMetrics {
     pub refused: AtomicU64,
     /// Snapshots rejected with 503.
     pub rejected_busy: AtomicU64,
+    /// Strategy swaps refused by validation.
+    pub swaps_refused: AtomicU64,
 }
 
 /// The running service.

@@ -110,6 +110,43 @@ pub struct MonitorStatus {
     pub queued_batches: usize,
     /// The last failure.
     pub last_error: Option<String>,
+    /// What the last swap or rollback did (state migrated or started fresh).
+    pub last_swap: Option<String>,
+    /// The version a rollback would restore.
+    pub previous_strategy: Option<StrategyStatus>,
+    /// Until when (ms since the epoch) a new version rolls back
+    /// automatically after `probation_failures` failures.
+    pub probation_until_ms: Option<i64>,
+}
+
+/// What is serving now, shared by the worker (which swaps it) and the API.
+#[derive(Debug, Clone)]
+struct Serving {
+    info: StrategyInfo,
+    meta: ComponentMeta,
+    previous: Option<(StrategyInfo, ComponentMeta)>,
+    last_swap: Option<String>,
+    probation_until_ms: Option<i64>,
+}
+
+fn strategy_status(info: &StrategyInfo, meta: &ComponentMeta) -> StrategyStatus {
+    StrategyStatus {
+        source: meta.label.clone(),
+        name: info.name.clone(),
+        version: info.version.clone(),
+        sha256: meta.sha256.clone(),
+    }
+}
+
+/// What a swap or rollback did.
+#[derive(Debug, Clone, Serialize)]
+pub struct SwapReport {
+    /// The strategy that was serving.
+    pub old: StrategyStatus,
+    /// The strategy serving now.
+    pub new: StrategyStatus,
+    /// What happened to the detector state.
+    pub detail: String,
 }
 
 /// Strategy identity in a status.
@@ -131,8 +168,7 @@ pub struct Monitor {
     pub config: MonitorConfig,
     /// Its counters.
     pub stats: Arc<MonitorStats>,
-    info: StrategyInfo,
-    meta: ComponentMeta,
+    serving: Arc<Mutex<Serving>>,
     capacity: usize,
     tx: Mutex<Option<mpsc::Sender<Message>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -153,7 +189,15 @@ enum Message {
     Batch(Arc<Vec<Observation>>),
     /// Leave quarantine: a fresh instance from the last checkpoint.
     Resume,
+    /// Validate a compiled candidate and, if it passes, serve it from the
+    /// next batch on (with `config`, else the current configuration).
+    Swap { component: StrategyComponent, config: Option<String>, trigger: String, reply: mpsc::Sender<Result<SwapReport, String>> },
+    /// Serve the previous version again.
+    Rollback { trigger: String, reply: mpsc::Sender<Result<SwapReport, String>> },
 }
+
+/// Snapshots kept for dry runs of swap candidates (whole recent batches).
+const RECENT_POINTS: usize = 1024;
 
 /// Everything a monitor's worker needs to record signals.
 #[derive(Clone, Debug)]
@@ -187,10 +231,22 @@ impl Monitor {
 
         let stats = Arc::new(MonitorStats::default());
         let stopping = Arc::new(AtomicBool::new(false));
+        let serving = Arc::new(Mutex::new(Serving {
+            info: info.clone(),
+            meta: meta.clone(),
+            previous: None,
+            last_swap: None,
+            probation_until_ms: None,
+        }));
         let (tx, rx) = mpsc::channel();
         let worker = Worker {
             stopping: stopping.clone(),
             skipped_at_stop: 0,
+            serving: serving.clone(),
+            previous: None,
+            probation: None,
+            recent: std::collections::VecDeque::new(),
+            recent_points: 0,
             config: config.clone(),
             component,
             json,
@@ -208,8 +264,7 @@ impl Monitor {
         Ok(Arc::new(Monitor {
             config,
             stats,
-            info,
-            meta,
+            serving,
             capacity,
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
@@ -242,6 +297,35 @@ impl Monitor {
         self.tx.lock().as_ref().is_some_and(|tx| tx.send(Message::Resume).is_ok())
     }
 
+    /// Asks the worker to validate `component` and serve it from the next
+    /// batch on; waits for the outcome (at most `wait`).
+    ///
+    /// # Errors
+    ///
+    /// Why the candidate was refused (the running strategy keeps serving).
+    pub fn swap(&self, component: StrategyComponent, config: Option<String>, trigger: &str, wait: Duration) -> Result<SwapReport, String> {
+        let (reply, rx) = mpsc::channel();
+        self.send_control(Message::Swap { component, config, trigger: trigger.to_string(), reply })?;
+        rx.recv_timeout(wait).map_err(|_| "the monitor did not answer in time; the swap may still happen".to_string())?
+    }
+
+    /// Asks the worker to serve the previous version again.
+    ///
+    /// # Errors
+    ///
+    /// Why it could not (no previous version, or it fails validation).
+    pub fn rollback(&self, trigger: &str, wait: Duration) -> Result<SwapReport, String> {
+        let (reply, rx) = mpsc::channel();
+        self.send_control(Message::Rollback { trigger: trigger.to_string(), reply })?;
+        rx.recv_timeout(wait).map_err(|_| "the monitor did not answer in time; the rollback may still happen".to_string())?
+    }
+
+    fn send_control(&self, m: Message) -> Result<(), String> {
+        let tx = self.tx.lock();
+        let tx = tx.as_ref().ok_or_else(|| "the monitor is stopping".to_string())?;
+        tx.send(m).map_err(|_| "the monitor is stopping".to_string())
+    }
+
     /// Whether its strategy is failing (last call failed) or quarantined.
     pub fn failing(&self) -> bool {
         self.quarantined() || self.stats.consecutive_failures.load(Ordering::Relaxed) > 0
@@ -271,6 +355,7 @@ impl Monitor {
     /// The status shown by the API.
     pub fn status(&self) -> MonitorStatus {
         let s = &self.stats;
+        let serving = self.serving.lock().clone();
         let queued = s.queued.load(Ordering::Relaxed);
         let accepted = s.points_accepted.load(Ordering::Relaxed);
         let evaluated = s.points_evaluated.load(Ordering::Relaxed);
@@ -286,12 +371,7 @@ impl Monitor {
             } else {
                 "running".into()
             },
-            strategy: StrategyStatus {
-                source: self.meta.label.clone(),
-                name: self.info.name.clone(),
-                version: self.info.version.clone(),
-                sha256: self.meta.sha256.clone(),
-            },
+            strategy: strategy_status(&serving.info, &serving.meta),
             models: self.config.models.clone(),
             shadow: self.config.shadow,
             points_accepted: accepted,
@@ -307,6 +387,9 @@ impl Monitor {
             consecutive_failures: s.consecutive_failures.load(Ordering::Relaxed),
             queued_batches: queued,
             last_error: s.last_error.lock().clone(),
+            last_swap: serving.last_swap.clone(),
+            previous_strategy: serving.previous.as_ref().map(|(i, m)| strategy_status(i, m)),
+            probation_until_ms: serving.probation_until_ms,
         }
     }
 }
@@ -342,6 +425,14 @@ struct Worker {
     /// Snapshots not evaluated because the strategy was failing when the
     /// service stopped.
     skipped_at_stop: u64,
+    serving: Arc<Mutex<Serving>>,
+    /// What a rollback restores: component and configuration.
+    previous: Option<(StrategyComponent, String)>,
+    /// A new version's probation: until when, and its failures so far.
+    probation: Option<(Instant, u32)>,
+    /// The last batches (at least `RECENT_POINTS` snapshots), for dry runs.
+    recent: std::collections::VecDeque<Arc<Vec<Observation>>>,
+    recent_points: usize,
 }
 
 impl Worker {
@@ -357,6 +448,15 @@ impl Worker {
                 Ok(Message::Batch(batch)) => {
                     self.evaluate(&batch, &mut selected, &mut last_signal, &mut last_seen, &mut stale);
                     self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                    self.remember(batch);
+                }
+                Ok(Message::Swap { component, config, trigger, reply }) => {
+                    let result = self.swap(component, config, &trigger, true);
+                    let _ = reply.send(result);
+                }
+                Ok(Message::Rollback { trigger, reply }) => {
+                    let result = self.rollback(&trigger);
+                    let _ = reply.send(result);
                 }
                 Ok(Message::Resume) => {
                     if self.stats.quarantined.swap(false, Ordering::Relaxed) {
@@ -505,6 +605,18 @@ impl Worker {
         if let Err(err) = self.outbox.store.record_failure(&record) {
             tracing::error!("cannot record the failure: {err}");
         }
+        if let Some((until, ref mut n)) = self.probation
+            && Instant::now() < until
+        {
+            *n += 1;
+            if *n >= self.config.probation_failures && self.previous.is_some() {
+                let trigger = format!("rollback (automatic: {n} failures within the probation of a new version)");
+                match self.rollback(&trigger) {
+                    Ok(_) => return,
+                    Err(why) => tracing::error!(monitor = %self.config.name, "automatic rollback failed: {why}"),
+                }
+            }
+        }
         if failures >= u64::from(self.config.max_failures) {
             self.stats.quarantined.store(true, Ordering::Relaxed);
             tracing::error!(monitor = %self.config.name, failures, "monitor quarantined; resume it with POST /v1/monitors/{}/resume", self.config.name);
@@ -631,6 +743,150 @@ impl Worker {
         }
         if let Err(e) = self.outbox.store.save_states(&self.config.name, &self.meta.sha256, &states) {
             tracing::error!(monitor = %self.config.name, "checkpoint failed: {e}");
+        }
+    }
+
+    /// Keeps the newest batches, about `RECENT_POINTS` snapshots, for dry
+    /// runs (the `Arc`s, not copies).
+    fn remember(&mut self, batch: Arc<Vec<Observation>>) {
+        self.recent_points += batch.len();
+        self.recent.push_back(batch);
+        while self.recent.len() > 1 && self.recent_points - self.recent[0].len() >= RECENT_POINTS {
+            let old = self.recent.pop_front().expect("non-empty");
+            self.recent_points -= old.len();
+        }
+    }
+
+    /// Validates `component` (instantiate, configure, self-describe, a dry
+    /// run over the recent snapshots when `dry_run`), moves the detector
+    /// state across where the candidate accepts it, and serves it from the
+    /// next batch on. The running strategy keeps serving when it is refused.
+    fn swap(&mut self, component: StrategyComponent, config: Option<String>, trigger: &str, dry_run: bool) -> Result<SwapReport, String> {
+        let json = config.unwrap_or_else(|| self.json.clone());
+        let old = strategy_status(&self.info, &self.meta);
+        let candidate_status = |info: Option<&StrategyInfo>| StrategyStatus {
+            source: component.meta().label.clone(),
+            name: info.map(|i| i.name.clone()).unwrap_or_default(),
+            version: info.map(|i| i.version.clone()).unwrap_or_default(),
+            sha256: component.meta().sha256.clone(),
+        };
+        let result = self.validate_and_migrate(&component, &json, dry_run);
+        let (mut instance, detail) = match result {
+            Ok(ok) => ok,
+            Err(reason) => {
+                tracing::warn!(monitor = %self.config.name, trigger, "strategy swap refused: {reason}");
+                self.record_swap(trigger, "refused", &old, &candidate_status(None), &reason);
+                return Err(reason);
+            }
+        };
+        let new = candidate_status(Some(instance.info()));
+        let info = instance.info().clone();
+        std::mem::swap(&mut self.instance, &mut instance);
+        let old_component = std::mem::replace(&mut self.component, component);
+        let old_json = std::mem::replace(&mut self.json, json);
+        let old_info = std::mem::replace(&mut self.info, info);
+        let old_meta = std::mem::replace(&mut self.meta, self.component.meta().clone());
+        self.previous = Some((old_component, old_json));
+        let probation = self.config.probation;
+        self.probation = (!probation.is_zero()).then(|| (Instant::now() + probation, 0));
+        // A swap also ends a quarantine: the new version starts clean.
+        self.stats.consecutive_failures.store(0, Ordering::Relaxed);
+        if self.stats.quarantined.swap(false, Ordering::Relaxed) {
+            tracing::warn!(monitor = %self.config.name, "monitor leaves quarantine with the new strategy");
+        }
+        {
+            let mut serving = self.serving.lock();
+            serving.info = self.info.clone();
+            serving.meta = self.meta.clone();
+            serving.previous = Some((old_info, old_meta));
+            serving.last_swap = Some(format!("{trigger}: {detail}"));
+            serving.probation_until_ms = self
+                .probation
+                .map(|_| super::store::now_ms() + i64::try_from(probation.as_millis()).unwrap_or(i64::MAX));
+        }
+        self.checkpoint();
+        tracing::warn!(monitor = %self.config.name, trigger, old = %old.sha256, new = %new.sha256, "strategy swapped: {detail}");
+        self.record_swap(trigger, if trigger.starts_with("rollback") { "rolled_back" } else { "swapped" }, &old, &new, &detail);
+        Ok(SwapReport { old, new, detail })
+    }
+
+    fn validate_and_migrate(&mut self, component: &StrategyComponent, json: &str, dry_run: bool) -> Result<(StrategyInstance, String), String> {
+        let limits = self.config.limits.limits();
+        let mut candidate = component.instantiate(json, limits.clone()).map_err(|e| format!("candidate refused: {e}"))?;
+        if dry_run && self.recent_points > 0 {
+            let mut dry = component.instantiate(json, limits).map_err(|e| format!("candidate refused: {e}"))?;
+            let mut points = PointBatch::new();
+            let mut n = 0;
+            for batch in &self.recent {
+                let mut models: Vec<&str> = Vec::new();
+                for o in batch.iter() {
+                    let m = o.snapshot.model_version.as_str();
+                    if !models.contains(&m) && self.config.selects(m) {
+                        models.push(m);
+                    }
+                }
+                for model in models {
+                    points.clear();
+                    for o in batch.iter().filter(|o| o.snapshot.model_version == model) {
+                        points.push(o);
+                    }
+                    n += points.len();
+                    dry.evaluate(model, &points)
+                        .map_err(|e| format!("candidate refused: dry run on {n} recent snapshot(s) failed: {e}"))?;
+                }
+            }
+        }
+        // Detector state: from the running instance, else (it failed) from
+        // the last checkpoint.
+        let mut states: Vec<(String, Vec<u8>)> = Vec::new();
+        if self.instance.is_poisoned() {
+            states = self.outbox.store.load_states(&self.config.name).map_or_else(|_| Vec::new(), |v| v.into_iter().map(|(m, _, b)| (m, b)).collect());
+        } else {
+            let models: Vec<String> = self.instance.models().map(str::to_string).collect();
+            for model in models {
+                if let Ok(Some(bytes)) = self.instance.save(&model) {
+                    states.push((model, bytes));
+                }
+            }
+        }
+        let (mut moved, mut fresh) = (0, Vec::new());
+        for (model, bytes) in &states {
+            match candidate.restore(model, bytes) {
+                Ok(Ok(())) => moved += 1,
+                Ok(Err(why)) => fresh.push(format!("{model} ({why})")),
+                Err(e) => return Err(format!("candidate refused: restoring the state of `{model}` failed: {e}")),
+            }
+        }
+        let detail = match (moved, fresh.len()) {
+            (0, 0) => "no detector state to move".to_string(),
+            (m, 0) => format!("detector state moved for {m} model(s)"),
+            (m, _) => format!("detector state moved for {m} model(s); started fresh for {}", fresh.join(", ")),
+        };
+        Ok((candidate, detail))
+    }
+
+    /// Serves the previous version again (validated, without a dry run).
+    fn rollback(&mut self, trigger: &str) -> Result<SwapReport, String> {
+        let Some((component, json)) = self.previous.clone() else {
+            return Err("no previous strategy to roll back to".into());
+        };
+        self.swap(component, Some(json), trigger, false)
+    }
+
+    fn record_swap(&self, trigger: &str, outcome: &str, old: &StrategyStatus, new: &StrategyStatus, detail: &str) {
+        let record = super::store::SwapRecord {
+            created: 0,
+            monitor: self.config.name.clone(),
+            trigger: trigger.to_string(),
+            outcome: outcome.to_string(),
+            old_sha256: old.sha256.clone(),
+            old_version: old.version.clone(),
+            new_sha256: new.sha256.clone(),
+            new_version: new.version.clone(),
+            detail: detail.to_string(),
+        };
+        if let Err(e) = self.outbox.store.record_swap(&record) {
+            tracing::error!(monitor = %self.config.name, "cannot record the swap: {e}");
         }
     }
 

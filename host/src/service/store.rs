@@ -105,6 +105,29 @@ pub struct FailureRecord {
     pub batch: String,
 }
 
+/// One strategy swap, refusal or rollback of a monitor.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SwapRecord {
+    /// When (ms).
+    pub created: i64,
+    /// The monitor.
+    pub monitor: String,
+    /// What asked for it: `api`, `rollback (api)`, `rollback (automatic)`, ...
+    pub trigger: String,
+    /// `swapped`, `refused` or `rolled_back`.
+    pub outcome: String,
+    /// The component that was serving.
+    pub old_sha256: String,
+    /// Its version.
+    pub old_version: String,
+    /// The candidate.
+    pub new_sha256: String,
+    /// Its version (empty when it could not be described).
+    pub new_version: String,
+    /// Why it was refused, or what happened to the detector state.
+    pub detail: String,
+}
+
 /// A delivery that is due.
 #[derive(Debug, Clone)]
 pub struct DueDelivery {
@@ -185,6 +208,18 @@ CREATE TABLE IF NOT EXISTS failures (
     fault TEXT NOT NULL,
     error TEXT NOT NULL,
     batch TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS swaps (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_ms INTEGER NOT NULL,
+    monitor TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    old_sha256 TEXT NOT NULL,
+    old_version TEXT NOT NULL,
+    new_sha256 TEXT NOT NULL,
+    new_version TEXT NOT NULL,
+    detail TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS detector_state (
     monitor TEXT NOT NULL,
@@ -427,6 +462,48 @@ impl Store {
                 fault: r.get(4)?,
                 error: r.get(5)?,
                 batch: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records a swap, refusal or rollback.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`].
+    pub fn record_swap(&self, r: &SwapRecord) -> Result<(), StoreError> {
+        let conn = self.conn.lock();
+        conn.execute(
+            "INSERT INTO swaps (created_ms, monitor, trigger, outcome, old_sha256, old_version, new_sha256, new_version, detail) \
+             VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)",
+            params![now_ms(), r.monitor, r.trigger, r.outcome, r.old_sha256, r.old_version, r.new_sha256, r.new_version, r.detail],
+        )?;
+        Ok(())
+    }
+
+    /// Recorded swaps of `monitor` (or every monitor), newest first.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`].
+    pub fn swaps(&self, monitor: Option<&str>, limit: usize) -> Result<Vec<SwapRecord>, StoreError> {
+        let conn = self.conn.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT created_ms, monitor, trigger, outcome, old_sha256, old_version, new_sha256, new_version, detail \
+             FROM swaps WHERE (?1 IS NULL OR monitor = ?1) ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![monitor, limit.min(1000) as i64], |r| {
+            Ok(SwapRecord {
+                created: r.get(0)?,
+                monitor: r.get(1)?,
+                trigger: r.get(2)?,
+                outcome: r.get(3)?,
+                old_sha256: r.get(4)?,
+                old_version: r.get(5)?,
+                new_sha256: r.get(6)?,
+                new_version: r.get(7)?,
+                detail: r.get(8)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

@@ -1,0 +1,175 @@
+//! Hot swap through the API: validation, state migration, rollback (by hand
+//! and automatic), the swap record, and zero loss across swaps under load.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::service::{Server, http_with, metric, snap, wait_for};
+use crate::util::Env;
+
+const TOKEN: &str = "swap-token";
+
+fn builtin(name: &str) -> Vec<u8> {
+    visutility_host::runtime::builtin::get(name).unwrap().to_vec()
+}
+
+/// The same component with a custom section appended: other bytes (another
+/// SHA-256), the same code, so it accepts the original's state.
+fn rebuilt(component: &[u8]) -> Vec<u8> {
+    let mut out = component.to_vec();
+    let (name, payload) = (b"visutility-test", b"v2");
+    out.push(0); // custom section
+    out.push((1 + name.len() + payload.len()) as u8);
+    out.push(name.len() as u8);
+    out.extend_from_slice(name);
+    out.extend_from_slice(payload);
+    out
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+fn put(server: &Server, monitor: &str, query: &str, token: Option<&str>, body: &[u8]) -> (u16, Value) {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("Content-Type", "application/wasm")];
+    if let Some(a) = &auth {
+        headers.push(("Authorization", a));
+    }
+    let (status, text) = http_with(server.addr, "PUT", &format!("/v1/monitors/{monitor}/strategy{query}"), &headers, body);
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+fn serving(server: &Server, monitor: &str) -> String {
+    server.get_json(&format!("/v1/monitors/{monitor}"))["strategy"]["sha256"].as_str().unwrap().to_string()
+}
+
+fn start(env: &Env, strategy_file: &str, extra: &str) -> Server {
+    Server::start(
+        env,
+        &format!("[[monitor]]\nname = \"m\"\nstrategy = \"{strategy_file}\"\nrestart_backoff = \"10ms\"\n{extra}\n"),
+        &[("VISUTILITY_ADMIN_TOKEN", TOKEN)],
+    )
+}
+
+fn post_points(server: &Server, n: usize, score: f64) {
+    let lines: Vec<String> = (0..n).map(|_| snap("a", score)).collect();
+    assert_eq!(server.post_ndjson(&lines).0, 202);
+}
+
+#[test]
+fn swaps_are_validated_move_state_and_roll_back() {
+    let env = Env::new();
+    let ph = builtin("page-hinkley");
+    let ph2 = rebuilt(&ph);
+    let path = env.write("ph.wasm", &ph);
+    let server = start(&env, path.to_str().unwrap(), "");
+    post_points(&server, 100, 0.9);
+    wait_for("100 evaluated", Duration::from_secs(10), || (metric(&server, "visutility_points_evaluated_total{monitor=\"m\"}") == 100.0).then_some(()));
+    assert_eq!(serving(&server, "m"), sha256(&ph));
+
+    // Refused: no token, not a component, a candidate that fails its dry run.
+    assert_eq!(put(&server, "m", "", None, &ph2).0, 401);
+    assert_eq!(put(&server, "m", "", Some("wrong"), &ph2).0, 401);
+    let (status, body) = put(&server, "m", "", Some(TOKEN), b"not wasm at all");
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("not a WebAssembly binary"), "{body}");
+    let hostile = std::fs::read(crate::util::guest("hostile")).unwrap();
+    let (status, body) = put(&server, "m", "?config=%7B%22mode%22%3A%22panic%22%7D", Some(TOKEN), &hostile);
+    assert_eq!(status, 422, "{body}");
+    let reason = body["error"].as_str().unwrap();
+    assert!(reason.contains("dry run on") && reason.contains("panicked"), "{reason}");
+    assert_eq!(serving(&server, "m"), sha256(&ph), "a refused candidate leaves the old one serving");
+
+    // A new build of the same strategy: the detector's window moves across.
+    let (status, body) = put(&server, "m", "", Some(TOKEN), &ph2);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["swapped"]["detail"], "detector state moved for 1 model(s)");
+    let status = server.get_json("/v1/monitors/m");
+    assert_eq!(status["strategy"]["sha256"], sha256(&ph2));
+    assert_eq!(status["previous_strategy"]["sha256"], sha256(&ph));
+    assert!(status["probation_until_ms"].as_i64().is_some());
+
+    // Another strategy refuses page-hinkley's state: it starts fresh, and says so.
+    let (status, body) = put(&server, "m", "", Some(TOKEN), &builtin("adwin"));
+    assert_eq!(status, 200, "{body}");
+    let detail = body["swapped"]["detail"].as_str().unwrap();
+    assert!(detail.contains("started fresh for a ("), "{detail}");
+    assert!(server.get_json("/v1/monitors/m")["last_swap"].as_str().unwrap().contains("started fresh"));
+    post_points(&server, 10, 0.9);
+    wait_for("110 evaluated", Duration::from_secs(10), || (metric(&server, "visutility_points_evaluated_total{monitor=\"m\"}") == 110.0).then_some(()));
+
+    // Rollback restores the previous version.
+    let (status, text) = http_with(server.addr, "POST", "/v1/monitors/m/rollback", &[("Authorization", &format!("Bearer {TOKEN}"))], b"");
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(serving(&server, "m"), sha256(&ph2));
+
+    let swaps = server.get_json("/v1/monitors/m/swaps");
+    let outcomes: Vec<&str> = swaps["swaps"].as_array().unwrap().iter().map(|s| s["outcome"].as_str().unwrap()).collect();
+    assert_eq!(outcomes, ["rolled_back", "swapped", "swapped", "refused", "refused"]);
+    assert_eq!(swaps["swaps"][0]["trigger"], "rollback (api)");
+    assert_eq!(swaps["swaps"][0]["new_sha256"], sha256(&ph2));
+    assert_eq!(metric(&server, "visutility_strategy_swaps_refused_total"), 2.0);
+}
+
+#[test]
+fn a_new_version_failing_in_its_probation_rolls_back_automatically() {
+    let env = Env::new();
+    let ph = builtin("page-hinkley");
+    let path = env.write("ph.wasm", &ph);
+    let server = start(&env, path.to_str().unwrap(), "probation = \"10m\"\nprobation_failures = 2\nmax_failures = 100");
+    post_points(&server, 20, 0.9);
+    wait_for("20 evaluated", Duration::from_secs(10), || (metric(&server, "visutility_points_evaluated_total{monitor=\"m\"}") == 20.0).then_some(()));
+    // Passes its dry run (20 recent points), panics from its 31st point on.
+    let hostile = std::fs::read(crate::util::guest("hostile")).unwrap();
+    let (status, body) = put(&server, "m", "?config=%7B%22mode%22%3A%22panic%22%2C%22at%22%3A30%7D", Some(TOKEN), &hostile);
+    assert_eq!(status, 200, "{body}");
+    for _ in 0..3 {
+        post_points(&server, 40, 0.9);
+    }
+    wait_for("automatic rollback", Duration::from_secs(20), || (serving(&server, "m") == sha256(&ph)).then_some(()));
+    let swaps = server.get_json("/v1/monitors/m/swaps");
+    let last = &swaps["swaps"][0];
+    assert_eq!(last["outcome"], "rolled_back");
+    assert!(last["trigger"].as_str().unwrap().contains("automatic: 2 failures"), "{last}");
+    assert_eq!(server.get_json("/v1/monitors/m")["status"], "running");
+}
+
+#[test]
+fn no_snapshot_is_lost_or_evaluated_twice_across_swaps_under_load() {
+    let env = Env::new();
+    let ph = builtin("page-hinkley");
+    let ph2 = rebuilt(&ph);
+    let path = env.write("ph.wasm", &ph);
+    let server = start(&env, path.to_str().unwrap(), "");
+    let addr = server.addr;
+    let posting = std::thread::spawn(move || {
+        let body: Vec<String> = (0..200).map(|i| snap(&format!("model-{}", i % 4), 0.9)).collect();
+        let body = body.join("\n");
+        let mut accepted = 0u64;
+        let until = std::time::Instant::now() + Duration::from_secs(3);
+        while std::time::Instant::now() < until {
+            let (status, _) = http_with(addr, "POST", "/v1/snapshots", &[("Content-Type", "application/x-ndjson")], body.as_bytes());
+            if status == 202 {
+                accepted += 200;
+            }
+        }
+        accepted
+    });
+    let mut swaps = 0;
+    while !posting.is_finished() {
+        let next = if swaps % 2 == 0 { &ph2 } else { &ph };
+        let (status, body) = put(&server, "m", "", Some(TOKEN), next);
+        assert_eq!(status, 200, "{body}");
+        swaps += 1;
+    }
+    let accepted = posting.join().unwrap() as f64;
+    assert!(swaps >= 5, "only {swaps} swaps");
+    wait_for("all evaluated", Duration::from_secs(20), || {
+        (metric(&server, "visutility_points_evaluated_total{monitor=\"m\"}") >= accepted).then_some(())
+    });
+    assert_eq!(metric(&server, "visutility_points_accepted_total{monitor=\"m\"}"), accepted);
+    assert_eq!(metric(&server, "visutility_points_evaluated_total{monitor=\"m\"}"), accepted, "evaluated twice or lost");
+}
