@@ -111,7 +111,7 @@ fn swaps_are_validated_move_state_and_roll_back() {
     assert_eq!(outcomes, ["rolled_back", "swapped", "swapped", "refused", "refused"]);
     assert_eq!(swaps["swaps"][0]["trigger"], "rollback (api)");
     assert_eq!(swaps["swaps"][0]["new_sha256"], sha256(&ph2));
-    assert_eq!(metric(&server, "visutility_strategy_swaps_refused_total"), 2.0);
+    assert_eq!(metric(&server, "visutility_strategy_swaps_refused_total{monitor=\"m\"}"), 2.0);
 }
 
 #[test]
@@ -172,4 +172,33 @@ fn no_snapshot_is_lost_or_evaluated_twice_across_swaps_under_load() {
     });
     assert_eq!(metric(&server, "visutility_points_accepted_total{monitor=\"m\"}"), accepted);
     assert_eq!(metric(&server, "visutility_points_evaluated_total{monitor=\"m\"}"), accepted, "evaluated twice or lost");
+}
+
+#[test]
+fn a_changed_strategy_file_is_swapped_in_and_a_half_written_one_refused() {
+    let env = Env::new();
+    let ph = builtin("page-hinkley");
+    let ph2 = rebuilt(&ph);
+    let path = env.write("ph.wasm", &ph);
+    let server = start(&env, path.to_str().unwrap(), "");
+    post_points(&server, 50, 0.9);
+    wait_for("50 evaluated", Duration::from_secs(10), || (metric(&server, "visutility_points_evaluated_total{monitor=\"m\"}") == 50.0).then_some(()));
+    let swaps = |server: &Server| server.get_json("/v1/monitors/m/swaps")["swaps"].as_array().unwrap().clone();
+
+    // Half a file: refused once it stops changing; the old one keeps serving.
+    std::fs::write(&path, &ph2[..ph2.len() / 2]).unwrap();
+    let refused = wait_for("the half file refused", Duration::from_secs(10), || swaps(&server).first().cloned());
+    assert_eq!(refused["outcome"], "refused");
+    assert_eq!(refused["trigger"], "file change");
+    assert!(refused["detail"].as_str().unwrap().contains("not a valid component"), "{refused}");
+    assert_eq!(serving(&server, "m"), sha256(&ph));
+
+    // The whole file: swapped in, with the detector's state.
+    std::fs::write(&path, &ph2).unwrap();
+    wait_for("the new file serving", Duration::from_secs(10), || (serving(&server, "m") == sha256(&ph2)).then_some(()));
+    let last = &swaps(&server)[0];
+    assert_eq!(last["outcome"], "swapped");
+    assert_eq!(last["trigger"], "file change");
+    assert_eq!(last["detail"], "detector state moved for 1 model(s)");
+    assert_eq!(server.get_json("/v1/monitors/m")["strategy"]["source"], path.display().to_string());
 }

@@ -59,6 +59,11 @@ pub struct ServiceConfig {
     /// (`POST /v1/monitors/{name}/resume`); unset means they are disabled.
     #[serde(default = "default_admin_token_env")]
     pub admin_token_env: String,
+    /// How often the `.wasm` files of monitors with a path strategy are
+    /// checked for changes (a changed, then stable, file is validated and
+    /// swapped in). `"0s"` turns watching off.
+    #[serde(default = "default_watch_interval", deserialize_with = "duration")]
+    pub watch_interval: Duration,
     /// Canonicalise NaNs in strategy float arithmetic (bit-identical
     /// replays across CPU architectures; costs 1.3-1.8x on float-heavy
     /// strategies). Default off.
@@ -220,6 +225,7 @@ impl ServiceConfig {
             checkpoint_every: default_checkpoint(),
             max_body_bytes: default_body(),
             admin_token_env: default_admin_token_env(),
+            watch_interval: default_watch_interval(),
             canonicalize_nans: false,
             monitors: vec![MonitorConfig {
                 name: "default".into(),
@@ -378,6 +384,9 @@ fn default_max_failures() -> u32 {
 }
 fn default_restart_backoff() -> Duration {
     Duration::from_millis(100)
+}
+fn default_watch_interval() -> Duration {
+    Duration::from_millis(50)
 }
 fn default_probation() -> Duration {
     Duration::from_secs(300)

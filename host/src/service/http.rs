@@ -232,29 +232,12 @@ async fn put_strategy(
         return error(StatusCode::BAD_REQUEST, json!({"error": format!("`config` is not JSON: {e}")}));
     }
     let label = format!("upload to `{name}`");
-    let store = service.store.clone();
     let outcome = tokio::task::spawn_blocking(move || {
         let component = match crate::runtime::StrategyComponent::from_bytes(crate::runtime::Runtime::shared(), label, &body) {
             Ok(c) => c,
             Err(e) => {
-                // Refused before the monitor sees it: recorded here.
                 let reason = format!("candidate refused: {e}");
-                tracing::warn!(monitor = %monitor.config.name, "strategy swap refused: {reason}");
-                let old = monitor.status().strategy;
-                let record = super::store::SwapRecord {
-                    created: 0,
-                    monitor: monitor.config.name.clone(),
-                    trigger: "api".into(),
-                    outcome: "refused".into(),
-                    old_sha256: old.sha256,
-                    old_version: old.version,
-                    new_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&body)),
-                    new_version: String::new(),
-                    detail: reason.clone(),
-                };
-                if let Err(e) = store.record_swap(&record) {
-                    tracing::error!("cannot record the refused swap: {e}");
-                }
+                monitor.record_refusal("api", &hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&body)), &reason);
                 return Err((StatusCode::BAD_REQUEST, reason));
             }
         };
@@ -272,7 +255,6 @@ fn swap_response(
     match outcome {
         Ok(Ok(report)) => axum::Json(json!({ "monitor": name, "swapped": report })).into_response(),
         Ok(Err((status, reason))) => {
-            service.metrics.swaps_refused.fetch_add(1, Ordering::Relaxed);
             error(status, json!({ "error": reason, "serving": service.monitors.iter().find(|m| m.config.name == name).map(|m| m.status().strategy) }))
         }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()})),
@@ -387,14 +369,14 @@ async fn metrics(State(service): State<Arc<Service>>) -> Response {
     };
     counter("visutility_snapshots_accepted_total", "Snapshots accepted by ingestion.", m.accepted.load(Ordering::Relaxed));
     counter("visutility_snapshots_refused_total", "Snapshots refused as invalid.", m.refused.load(Ordering::Relaxed));
-    counter("visutility_strategy_swaps_refused_total", "Strategy swaps refused (validation failed).", m.swaps_refused.load(Ordering::Relaxed));
     counter(
         "visutility_snapshots_rejected_busy_total",
         "Snapshots rejected with 503 because a monitor was behind.",
         m.rejected_busy.load(Ordering::Relaxed),
     );
     type Field = fn(&super::monitor::MonitorStats) -> u64;
-    let per_monitor: [(&str, &str, &str, Field); 14] = [
+    let per_monitor: [(&str, &str, &str, Field); 15] = [
+        ("visutility_strategy_swaps_refused_total", "counter", "Strategy swaps refused by validation.", |s| s.swaps_refused.load(Ordering::Relaxed)),
         ("visutility_points_shed_total", "counter", "Snapshots not queued for a failing monitor whose queue was full.", |s| s.points_shed.load(Ordering::Relaxed)),
         ("visutility_strategy_log_lines_dropped_total", "counter", "Guest log lines dropped by the rate limit.", |s| s.log_lines_dropped.load(Ordering::Relaxed)),
         ("visutility_strategy_output_bytes_dropped_total", "counter", "Guest stdout/stderr bytes dropped by the cap.", |s| s.output_bytes_dropped.load(Ordering::Relaxed)),

@@ -16,6 +16,7 @@ pub mod config;
 pub mod http;
 pub mod monitor;
 pub mod store;
+pub mod watch;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -58,8 +59,6 @@ pub struct ServiceMetrics {
     pub refused: AtomicU64,
     /// Snapshots rejected with 503.
     pub rejected_busy: AtomicU64,
-    /// Strategy swaps refused by validation.
-    pub swaps_refused: AtomicU64,
 }
 
 /// The running service.
@@ -173,6 +172,12 @@ impl Service {
                 .map_err(|e| ServiceError::Http(std::io::Error::other(e)))?,
         };
         let delivering = tokio::spawn(deliverer.run(deliver_stop.clone()));
+        let watch_stop = Arc::new(AtomicBool::new(false));
+        let watching = if self.config.watch_interval.is_zero() {
+            None
+        } else {
+            watch::spawn(&self.monitors, self.config.watch_interval, watch_stop.clone())
+        };
 
         let app = http::router(self.clone());
         let service = self.clone();
@@ -185,6 +190,10 @@ impl Service {
             })
             .await?;
         self.shutting_down.store(true, Ordering::Relaxed);
+        watch_stop.store(true, Ordering::Relaxed);
+        if let Some(w) = watching {
+            let _ = tokio::task::spawn_blocking(move || w.join()).await;
+        }
 
         let monitors = self.monitors.clone();
         let _ = tokio::task::spawn_blocking(move || {

@@ -66,6 +66,8 @@ pub struct MonitorStats {
     pub consecutive_failures: AtomicU64,
     /// Whether the monitor is quarantined.
     pub quarantined: std::sync::atomic::AtomicBool,
+    /// Strategy swaps refused by validation.
+    pub swaps_refused: AtomicU64,
     /// The last failure.
     pub last_error: Mutex<Option<String>>,
 }
@@ -169,6 +171,7 @@ pub struct Monitor {
     /// Its counters.
     pub stats: Arc<MonitorStats>,
     serving: Arc<Mutex<Serving>>,
+    store: Store,
     capacity: usize,
     tx: Mutex<Option<mpsc::Sender<Message>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -230,6 +233,7 @@ impl Monitor {
         restore_states(&mut instance, &outbox.store, &config.name);
 
         let stats = Arc::new(MonitorStats::default());
+        let store = outbox.store.clone();
         let stopping = Arc::new(AtomicBool::new(false));
         let serving = Arc::new(Mutex::new(Serving {
             info: info.clone(),
@@ -265,6 +269,7 @@ impl Monitor {
             config,
             stats,
             serving,
+            store,
             capacity,
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
@@ -318,6 +323,28 @@ impl Monitor {
         let (reply, rx) = mpsc::channel();
         self.send_control(Message::Rollback { trigger: trigger.to_string(), reply })?;
         rx.recv_timeout(wait).map_err(|_| "the monitor did not answer in time; the rollback may still happen".to_string())?
+    }
+
+    /// Records a candidate refused before it reached the monitor (it did not
+    /// compile): the swap log, the counter, the log.
+    pub fn record_refusal(&self, trigger: &str, candidate_sha256: &str, reason: &str) {
+        self.stats.swaps_refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(monitor = %self.config.name, trigger, "strategy swap refused: {reason}");
+        let old = self.status().strategy;
+        let record = super::store::SwapRecord {
+            created: 0,
+            monitor: self.config.name.clone(),
+            trigger: trigger.to_string(),
+            outcome: "refused".into(),
+            old_sha256: old.sha256,
+            old_version: old.version,
+            new_sha256: candidate_sha256.to_string(),
+            new_version: String::new(),
+            detail: reason.to_string(),
+        };
+        if let Err(e) = self.store.record_swap(&record) {
+            tracing::error!(monitor = %self.config.name, "cannot record the refused swap: {e}");
+        }
     }
 
     fn send_control(&self, m: Message) -> Result<(), String> {
@@ -774,6 +801,7 @@ impl Worker {
         let (mut instance, detail) = match result {
             Ok(ok) => ok,
             Err(reason) => {
+                self.stats.swaps_refused.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(monitor = %self.config.name, trigger, "strategy swap refused: {reason}");
                 self.record_swap(trigger, "refused", &old, &candidate_status(None), &reason);
                 return Err(reason);
