@@ -257,6 +257,77 @@ pub fn replay_text(
     Ok(totals)
 }
 
+/// How two strategies' signals line up on one stream (`replay --compare`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Comparison {
+    /// Retrain signals of A and of B.
+    pub retrain: (usize, usize),
+    /// Warn signals of A and of B.
+    pub warn: (usize, usize),
+    /// Retrain signals paired across A and B: same model, at most
+    /// `tolerance` snapshots apart.
+    pub matched: usize,
+    /// Input indices of A's retrain signals with no partner in B.
+    pub only_a: Vec<u64>,
+    /// Input indices of B's retrain signals with no partner in A.
+    pub only_b: Vec<u64>,
+    /// The pairing window, in snapshots of the input.
+    pub tolerance: u64,
+    /// B's index minus A's, for each pair (positive: B fired later).
+    pub delays: Vec<i64>,
+    /// `matched / (matched + only A + only B)`; 1 when neither fired.
+    pub agreement: f64,
+}
+
+/// Pairs A's and B's retrain signals per model, in order: each A signal takes
+/// the earliest unpaired B signal of its model within `tolerance` snapshots.
+pub fn compare(a: &[ReplaySignal], b: &[ReplaySignal], tolerance: u64) -> Comparison {
+    let retrain = |s: &[ReplaySignal]| -> HashMap<String, Vec<u64>> {
+        let mut by_model: HashMap<String, Vec<u64>> = HashMap::new();
+        for x in s.iter().filter(|x| x.kind == VerdictKind::Retrain) {
+            by_model.entry(x.model_version.clone()).or_default().push(x.index);
+        }
+        by_model
+    };
+    let count = |s: &[ReplaySignal], k: VerdictKind| s.iter().filter(|x| x.kind == k).count();
+    let (ra, rb) = (retrain(a), retrain(b));
+    let mut models: Vec<&String> = ra.keys().chain(rb.keys()).collect();
+    models.sort();
+    models.dedup();
+    let (mut matched, mut only_a, mut only_b, mut delays) = (0, Vec::new(), Vec::new(), Vec::new());
+    for m in models {
+        let (xs, ys) = (ra.get(m).map_or(&[][..], Vec::as_slice), rb.get(m).map_or(&[][..], Vec::as_slice));
+        let mut j = 0;
+        for &x in xs {
+            while j < ys.len() && ys[j] + tolerance < x {
+                only_b.push(ys[j]);
+                j += 1;
+            }
+            if j < ys.len() && ys[j] <= x + tolerance {
+                matched += 1;
+                delays.push(ys[j] as i64 - x as i64);
+                j += 1;
+            } else {
+                only_a.push(x);
+            }
+        }
+        only_b.extend_from_slice(&ys[j..]);
+    }
+    only_a.sort_unstable();
+    only_b.sort_unstable();
+    let total = matched + only_a.len() + only_b.len();
+    Comparison {
+        retrain: (count(a, VerdictKind::Retrain), count(b, VerdictKind::Retrain)),
+        warn: (count(a, VerdictKind::Warn), count(b, VerdictKind::Warn)),
+        matched,
+        only_a,
+        only_b,
+        tolerance,
+        delays,
+        agreement: if total == 0 { 1.0 } else { matched as f64 / total as f64 },
+    }
+}
+
 type PartResult<'a> = (usize, Result<Vec<ObservationRef<'a>>, (usize, String)>);
 
 /// Parses one part: the number of lines it has, and its snapshots or its
@@ -346,4 +417,40 @@ pub fn replay(
     summary.models = seen_models.len();
     summary.elapsed = started.elapsed();
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sig(index: u64, model: &str, kind: VerdictKind) -> ReplaySignal {
+        ReplaySignal { index, model_version: model.into(), kind, reason: String::new(), score: 0.0, timestamp: 0 }
+    }
+
+    #[test]
+    fn compare_pairs_per_model_within_the_tolerance() {
+        use VerdictKind::{Retrain, Warn};
+        let a = [sig(100, "m", Retrain), sig(500, "m", Retrain), sig(120, "n", Retrain), sig(130, "n", Warn)];
+        // 130 pairs with m@100 (+30); m@900 is too far from 500; n@125 is
+        // another model's stream than m's, pairs with n@120 (+5).
+        let b = [sig(130, "m", Retrain), sig(900, "m", Retrain), sig(125, "n", Retrain), sig(9, "o", Retrain)];
+        let c = compare(&a, &b, 50);
+        assert_eq!(c.retrain, (3, 4));
+        assert_eq!(c.warn, (1, 0));
+        assert_eq!(c.matched, 2);
+        assert_eq!(c.only_a, [500]);
+        assert_eq!(c.only_b, [9, 900]);
+        assert_eq!(c.delays, [30, 5]);
+        assert!((c.agreement - 2.0 / 5.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn compare_takes_each_partner_once_and_counts_nothing_fired_as_agreement() {
+        use VerdictKind::Retrain;
+        let a = [sig(10, "m", Retrain), sig(11, "m", Retrain)];
+        let b = [sig(12, "m", Retrain)];
+        let c = compare(&a, &b, 5);
+        assert_eq!((c.matched, c.only_a.as_slice(), c.only_b.len()), (1, &[11u64][..], 0));
+        assert_eq!(compare(&[], &[], 5).agreement, 1.0);
+    }
 }

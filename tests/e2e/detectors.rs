@@ -90,3 +90,41 @@ fn strategies_lists_the_whole_library() {
         assert!(run.stdout.contains(&format!("builtin:{name}")), "{name} missing:\n{}", run.stdout);
     }
 }
+
+#[test]
+fn replay_compare_lists_both_strategies_and_pairs_their_detections() {
+    let env = Env::new();
+    let input = fixture("abrupt_drop.ndjson");
+    let indices = |strategy: &str| -> Vec<u64> {
+        let run = env.run(&["replay", "-s", strategy, "-i", &input]);
+        run.ok();
+        run.stdout.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["index"].as_u64().unwrap()).collect()
+    };
+    let (ph, adwin) = (indices("builtin:page-hinkley"), indices("builtin:adwin"));
+    assert!(!ph.is_empty() && !adwin.is_empty());
+    let gap = ph[0].abs_diff(adwin[0]);
+    let out = env.path("both.ndjson").display().to_string();
+    let tolerance = (gap + 1).to_string();
+    let run = env.run(&[
+        "replay", "--compare", "builtin:page-hinkley", "builtin:adwin", "-i", &input, "--tolerance", &tolerance, "--output", &out,
+    ]);
+    run.ok();
+    let join = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
+    assert!(run.stdout.contains(&format!("A  builtin:page-hinkley (page-hinkley 0.1.0): {} retrain", ph.len())), "{}", run.stdout);
+    assert!(run.stdout.contains(&format!("   retrain at: {}", join(&ph))), "{}", run.stdout);
+    assert!(run.stdout.contains(&format!("   retrain at: {}", join(&adwin))), "{}", run.stdout);
+    assert!(run.stdout.contains(&format!("first retrain: A at {}, B at {} ({:+} snapshots)", ph[0], adwin[0], adwin[0] as i64 - ph[0] as i64)), "{}", run.stdout);
+    assert!(run.stdout.contains("agreement: 1 of"), "{}", run.stdout);
+    // Both signal lists, tagged.
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let tagged = |tag: &str| lines.iter().filter(|l| l["strategy"] == tag).map(|l| l["index"].as_u64().unwrap()).collect::<Vec<_>>();
+    assert_eq!(tagged("A"), ph);
+    assert_eq!(tagged("B"), adwin);
+    // A tighter window pairs nothing.
+    let run = env.run(&["replay", "--compare", "builtin:page-hinkley", "builtin:adwin", "-i", &input, "--tolerance", "0"]);
+    assert!(run.ok().stdout.contains("delay: no paired detections") || ph[0] == adwin[0], "{}", run.stdout);
+    // Bad use is refused.
+    env.run(&["replay", "--compare", "builtin:adwin", "-i", &input]).fails_with(2, "2 values required");
+    env.run(&["replay", "--compare", "builtin:adwin", "builtin:nope", "-i", &input]).fails_with(2, "unknown strategy `builtin:nope`");
+}
