@@ -202,3 +202,53 @@ fn a_changed_strategy_file_is_swapped_in_and_a_half_written_one_refused() {
     assert_eq!(last["detail"], "detector state moved for 1 model(s)");
     assert_eq!(server.get_json("/v1/monitors/m")["strategy"]["source"], path.display().to_string());
 }
+
+#[test]
+fn a_shadow_monitor_shows_its_agreement_and_never_acts() {
+    let env = Env::new();
+    let server = Server::start(
+        &env,
+        r#"
+[[monitor]]
+name = "prod"
+strategy = "builtin:baseline"
+config = { baseline = 0.9 }
+cooldown = "0s"
+
+[[monitor]]
+name = "cand"
+strategy = "builtin:baseline"
+config = { baseline = 0.8 }
+cooldown = "0s"
+shadow = true
+shadows = "prod"
+agreement_tolerance = 0
+[[monitor.action]]
+kind = "exec"
+argv = ["sh", "-c", "touch shadow-acted"]
+"#,
+        &[],
+    );
+    // Both fire on 0.70 (5 points); only prod fires on 0.82 (5 points).
+    let mut lines: Vec<String> = (0..10).map(|_| snap("a", 0.95)).collect();
+    lines.extend((0..5).map(|_| snap("a", 0.70)));
+    lines.extend((0..5).map(|_| snap("a", 0.82)));
+    assert_eq!(server.post_ndjson(&lines).0, 202);
+    let agreement = wait_for("both evaluated", Duration::from_secs(10), || {
+        let a = server.get_json("/v1/monitors/cand")["agreement"].clone();
+        (a["window"][1] == 20).then_some(a)
+    });
+    assert_eq!(agreement["with"], "prod");
+    assert_eq!(agreement["paired"], 5);
+    assert_eq!(agreement["only_primary"], 5);
+    assert_eq!(agreement["only_shadow"], 0);
+    assert_eq!(agreement["agreement"], 0.5);
+    assert_eq!(agreement["median_delay"], 0);
+    assert!(server.get_json("/v1/monitors/prod")["agreement"].is_null());
+    // Shadow signals are recorded as such, and run no action.
+    let signals = server.get_json("/v1/signals?monitor=cand")["signals"].as_array().unwrap().clone();
+    assert_eq!(signals.len(), 5);
+    assert!(signals.iter().all(|s| s["shadow"] == true), "{signals:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!env.path("shadow-acted").exists(), "a shadow monitor ran an action");
+}

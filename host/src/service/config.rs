@@ -100,6 +100,15 @@ pub struct MonitorConfig {
     /// Record verdicts as shadow signals; never run actions.
     #[serde(default)]
     pub shadow: bool,
+    /// With `shadow = true`: the monitor this one is a candidate for; its
+    /// status then shows how their retrain verdicts agree.
+    #[serde(default)]
+    pub shadows: Option<String>,
+    /// How many snapshots of the service's stream apart a retrain verdict of
+    /// the shadow and one of the monitor it shadows (same model) may be and
+    /// still count as the same detection.
+    #[serde(default = "default_agreement_tolerance")]
+    pub agreement_tolerance: u64,
     /// Consecutive failed calls (trap, out of fuel, deadline, memory cap)
     /// after which the monitor is quarantined.
     #[serde(default = "default_max_failures")]
@@ -239,6 +248,8 @@ impl ServiceConfig {
                 cooldown: default_cooldown(),
                 stale_after: None,
                 shadow: false,
+                shadows: None,
+                agreement_tolerance: default_agreement_tolerance(),
                 max_failures: default_max_failures(),
                 restart_backoff: default_restart_backoff(),
                 probation: default_probation(),
@@ -287,6 +298,14 @@ impl ServiceConfig {
             }
             if m.models.is_empty() {
                 return Err(format!("{at}: `models` is empty, so the monitor would never see a snapshot"));
+            }
+            if let Some(other) = &m.shadows {
+                if !m.shadow {
+                    return Err(format!("{at}: `shadows = \"{other}\"` needs `shadow = true`"));
+                }
+                if other == &m.name || !self.monitors.iter().any(|o| &o.name == other) {
+                    return Err(format!("{at}: `shadows` names no other monitor: {other:?}"));
+                }
             }
             for (j, action) in m.actions.iter().enumerate() {
                 match action {
@@ -384,6 +403,9 @@ fn default_max_failures() -> u32 {
 }
 fn default_restart_backoff() -> Duration {
     Duration::from_millis(100)
+}
+fn default_agreement_tolerance() -> u64 {
+    100
 }
 fn default_watch_interval() -> Duration {
     Duration::from_millis(50)

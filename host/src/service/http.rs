@@ -152,13 +152,13 @@ fn parse_body(body: &[u8], ndjson: bool, service: &Service) -> Result<Vec<Observ
 }
 
 async fn monitors(State(service): State<Arc<Service>>) -> Response {
-    let list: Vec<_> = service.monitors.iter().map(|m| m.status()).collect();
+    let list: Vec<_> = service.monitors.iter().map(|m| service.status_of(m)).collect();
     axum::Json(json!({ "monitors": list })).into_response()
 }
 
 async fn monitor(State(service): State<Arc<Service>>, Path(name): Path<String>) -> Response {
     match service.monitors.iter().find(|m| m.config.name == name) {
-        Some(m) => axum::Json(m.status()).into_response(),
+        Some(m) => axum::Json(service.status_of(m)).into_response(),
         None => error(StatusCode::NOT_FOUND, json!({"error": format!("no monitor named `{name}`")})),
     }
 }

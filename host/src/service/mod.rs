@@ -73,6 +73,8 @@ pub struct Service {
     pub metrics: ServiceMetrics,
     wake: Arc<tokio::sync::Notify>,
     shutting_down: AtomicBool,
+    /// Sequence number of the next snapshot routed (service-wide).
+    sequence: AtomicU64,
 }
 
 impl std::fmt::Debug for Service {
@@ -105,12 +107,22 @@ impl Service {
             metrics: ServiceMetrics::default(),
             wake,
             shutting_down: AtomicBool::new(false),
+            sequence: AtomicU64::new(0),
         }))
     }
 
     /// Whether shutdown has begun (ingestion answers 503).
     pub fn shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// `m`'s status, with its agreement when it shadows another monitor.
+    pub fn status_of(&self, m: &Monitor) -> monitor::MonitorStatus {
+        let mut status = m.status();
+        if let Some(primary) = m.config.shadows.as_ref().and_then(|p| self.monitors.iter().find(|o| &o.config.name == p)) {
+            status.agreement = Some(monitor::agreement(m, primary));
+        }
+        status
     }
 
     /// Queues `batch` to every monitor selecting some of it, or to none when
@@ -139,13 +151,14 @@ impl Service {
         if let Some((busy, _)) = targets.iter().find(|(m, _)| !m.has_room() && !m.failing()) {
             return Err(busy.config.name.clone());
         }
+        let seq = self.sequence.fetch_add(batch.len() as u64, Ordering::Relaxed);
         let batch = Arc::new(batch);
         for (m, n) in targets {
             if !m.has_room() {
                 m.shed(n);
                 continue;
             }
-            if !m.enqueue(batch.clone(), n) {
+            if !m.enqueue(batch.clone(), seq, n) {
                 return Err(m.config.name.clone());
             }
         }

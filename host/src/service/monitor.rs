@@ -119,6 +119,70 @@ pub struct MonitorStatus {
     /// Until when (ms since the epoch) a new version rolls back
     /// automatically after `probation_failures` failures.
     pub probation_until_ms: Option<i64>,
+    /// For a shadow monitor with `shadows`: how its retrain verdicts agree
+    /// with those of the monitor it shadows.
+    pub agreement: Option<ShadowAgreement>,
+}
+
+/// How a shadow monitor's retrain verdicts (before the cooldown) agree with
+/// those of the monitor it shadows, on the snapshots both have seen and the
+/// models both select.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShadowAgreement {
+    /// The monitor shadowed.
+    pub with: String,
+    /// The service's snapshot sequence numbers compared: `[from, to)`.
+    pub window: (u64, u64),
+    /// Verdicts of the same model at most `tolerance` snapshots apart.
+    pub paired: usize,
+    /// Retrain verdicts of the shadowed monitor with no partner.
+    pub only_primary: usize,
+    /// Retrain verdicts of the shadow with no partner.
+    pub only_shadow: usize,
+    /// `paired / (paired + only_primary + only_shadow)`; 1 when neither fired.
+    pub agreement: f64,
+    /// Median of shadow minus primary over the pairs, in snapshots
+    /// (positive: the shadow fires later).
+    pub median_delay: Option<i64>,
+    /// The pairing window.
+    pub tolerance: u64,
+}
+
+/// Compares the shadow monitor `shadow` with `primary` (see
+/// [`ShadowAgreement`]).
+pub fn agreement(shadow: &Monitor, primary: &Monitor) -> ShadowAgreement {
+    use crate::replay::ReplaySignal;
+    let (s, p) = (shadow.verdicts.lock(), primary.verdicts.lock());
+    let window = (s.complete_from.max(p.complete_from), s.through.min(p.through));
+    let both = |model: &str| shadow.config.selects(model) && primary.config.selects(model);
+    let signals = |r: &RecentVerdicts| -> Vec<ReplaySignal> {
+        r.verdicts
+            .iter()
+            .filter(|(m, seq)| (window.0..window.1).contains(seq) && both(m))
+            .map(|(m, seq)| ReplaySignal {
+                index: *seq,
+                model_version: m.clone(),
+                kind: VerdictKind::Retrain,
+                reason: String::new(),
+                score: 0.0,
+                timestamp: 0,
+            })
+            .collect()
+    };
+    let tolerance = shadow.config.agreement_tolerance;
+    let c = crate::replay::compare(&signals(&p), &signals(&s), tolerance);
+    let mut delays = c.delays.clone();
+    delays.sort_unstable();
+    ShadowAgreement {
+        with: primary.config.name.clone(),
+        window: (window.0, window.1.max(window.0)),
+        paired: c.matched,
+        only_primary: c.only_a.len(),
+        only_shadow: c.only_b.len(),
+        agreement: c.agreement,
+        median_delay: delays.get(delays.len() / 2).copied(),
+        tolerance,
+    }
 }
 
 /// What is serving now, shared by the worker (which swaps it) and the API.
@@ -172,6 +236,8 @@ pub struct Monitor {
     pub stats: Arc<MonitorStats>,
     serving: Arc<Mutex<Serving>>,
     store: Store,
+    /// Recent retrain verdicts, for shadow agreement.
+    pub verdicts: Arc<Mutex<RecentVerdicts>>,
     capacity: usize,
     tx: Mutex<Option<mpsc::Sender<Message>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -188,8 +254,9 @@ impl std::fmt::Debug for Monitor {
 
 /// What a monitor's worker receives.
 enum Message {
-    /// Snapshots to evaluate (the worker selects its models).
-    Batch(Arc<Vec<Observation>>),
+    /// Snapshots to evaluate (the worker selects its models), and the
+    /// service-wide sequence number of the first one.
+    Batch(Arc<Vec<Observation>>, u64),
     /// Leave quarantine: a fresh instance from the last checkpoint.
     Resume,
     /// Validate a compiled candidate and, if it passes, serve it from the
@@ -197,6 +264,34 @@ enum Message {
     Swap { component: StrategyComponent, config: Option<String>, trigger: String, reply: mpsc::Sender<Result<SwapReport, String>> },
     /// Serve the previous version again.
     Rollback { trigger: String, reply: mpsc::Sender<Result<SwapReport, String>> },
+}
+
+/// Retrain verdicts kept per monitor for shadow agreement.
+const RECENT_VERDICTS: usize = 10_000;
+
+/// A monitor's recent retrain verdicts (before the cooldown), by the
+/// service-wide sequence number of the snapshot, so that a shadow monitor
+/// can be compared with the monitor it shadows on the same snapshots.
+#[derive(Debug, Default)]
+pub struct RecentVerdicts {
+    /// `(model, sequence number)`, oldest first.
+    pub verdicts: std::collections::VecDeque<(String, u64)>,
+    /// Sequence numbers below this were seen (evaluated or skipped).
+    pub through: u64,
+    /// Sequence number from which the ring is complete (older ones were
+    /// dropped).
+    pub complete_from: u64,
+}
+
+impl RecentVerdicts {
+    fn push(&mut self, model: &str, seq: u64) {
+        if self.verdicts.len() == RECENT_VERDICTS
+            && let Some((_, dropped)) = self.verdicts.pop_front()
+        {
+            self.complete_from = dropped + 1;
+        }
+        self.verdicts.push_back((model.to_string(), seq));
+    }
 }
 
 /// Snapshots kept for dry runs of swap candidates (whole recent batches).
@@ -234,6 +329,7 @@ impl Monitor {
 
         let stats = Arc::new(MonitorStats::default());
         let store = outbox.store.clone();
+        let verdicts = Arc::new(Mutex::new(RecentVerdicts::default()));
         let stopping = Arc::new(AtomicBool::new(false));
         let serving = Arc::new(Mutex::new(Serving {
             info: info.clone(),
@@ -244,6 +340,7 @@ impl Monitor {
         }));
         let (tx, rx) = mpsc::channel();
         let worker = Worker {
+            verdicts: verdicts.clone(),
             stopping: stopping.clone(),
             skipped_at_stop: 0,
             serving: serving.clone(),
@@ -270,6 +367,7 @@ impl Monitor {
             stats,
             serving,
             store,
+            verdicts,
             capacity,
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
@@ -284,12 +382,12 @@ impl Monitor {
 
     /// Queues a batch (the worker selects its models). `selected` is the
     /// number of snapshots this monitor selects in it.
-    pub fn enqueue(&self, batch: Arc<Vec<Observation>>, selected: u64) -> bool {
+    pub fn enqueue(&self, batch: Arc<Vec<Observation>>, seq: u64, selected: u64) -> bool {
         let tx = self.tx.lock();
         let Some(tx) = tx.as_ref() else { return false };
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         self.stats.points_accepted.fetch_add(selected, Ordering::Relaxed);
-        if tx.send(Message::Batch(batch)).is_err() {
+        if tx.send(Message::Batch(batch, seq)).is_err() {
             self.stats.queued.fetch_sub(1, Ordering::Relaxed);
             return false;
         }
@@ -417,6 +515,7 @@ impl Monitor {
             last_swap: serving.last_swap.clone(),
             previous_strategy: serving.previous.as_ref().map(|(i, m)| strategy_status(i, m)),
             probation_until_ms: serving.probation_until_ms,
+            agreement: None,
         }
     }
 }
@@ -453,6 +552,7 @@ struct Worker {
     /// service stopped.
     skipped_at_stop: u64,
     serving: Arc<Mutex<Serving>>,
+    verdicts: Arc<Mutex<RecentVerdicts>>,
     /// What a rollback restores: component and configuration.
     previous: Option<(StrategyComponent, String)>,
     /// A new version's probation: until when, and its failures so far.
@@ -472,8 +572,8 @@ impl Worker {
         let tick = self.config.stale_after.map_or(Duration::from_millis(500), |s| (s / 4).max(Duration::from_millis(10)));
         loop {
             match rx.recv_timeout(tick.min(self.checkpoint_every)) {
-                Ok(Message::Batch(batch)) => {
-                    self.evaluate(&batch, &mut selected, &mut last_signal, &mut last_seen, &mut stale);
+                Ok(Message::Batch(batch, seq)) => {
+                    self.evaluate(&batch, seq, &mut selected, &mut last_signal, &mut last_seen, &mut stale);
                     self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                     self.remember(batch);
                 }
@@ -517,6 +617,7 @@ impl Worker {
     fn evaluate(
         &mut self,
         batch: &[Observation],
+        seq: u64,
         selected: &mut HashMap<String, bool>,
         last_signal: &mut HashMap<String, Instant>,
         last_seen: &mut HashMap<String, Instant>,
@@ -587,6 +688,7 @@ impl Worker {
                     }
                     VerdictKind::Retrain => {
                         self.stats.verdicts_retrain.fetch_add(1, Ordering::Relaxed);
+                        self.verdicts.lock().push(model, seq + positions[v.index] as u64);
                         let now = Instant::now();
                         if let Some(at) = last_signal.get(model)
                             && now.duration_since(*at) < self.config.cooldown
@@ -601,6 +703,8 @@ impl Worker {
                 }
             }
         }
+        // Seen through here (verdicts included), for shadow agreement.
+        self.verdicts.lock().through = seq + batch.len() as u64;
     }
 
     /// A failed call: record it with its batch, then restart with back-off,
