@@ -55,6 +55,11 @@ impl Server {
         self.get_json("/v1/signals")["signals"].as_array().unwrap().clone()
     }
 
+    /// Sends `signal` (e.g. `HUP`) to the service.
+    pub(crate) fn signal(&self, signal: &str) {
+        unsafe_kill(self.child.id(), signal);
+    }
+
     pub(crate) fn terminate(mut self) -> Option<i32> {
         unsafe_kill(self.child.id(), "TERM");
         let status = self.child.wait().unwrap();

@@ -252,3 +252,68 @@ argv = ["sh", "-c", "touch shadow-acted"]
     std::thread::sleep(Duration::from_millis(300));
     assert!(!env.path("shadow-acted").exists(), "a shadow monitor ran an action");
 }
+
+const HEADER: &str = "listen = \"127.0.0.1:0\"\ndb = \"signals.db\"\ncheckpoint_every = \"1h\"\n";
+
+fn baseline_monitor(name: &str, baseline: f64) -> String {
+    format!("[[monitor]]\nname = \"{name}\"\nstrategy = \"builtin:baseline\"\nconfig = {{ baseline = {baseline} }}\ncooldown = \"0s\"\n\n")
+}
+
+fn reload(server: &Server, token: Option<&str>) -> (u16, Value) {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.as_deref().map(|a| vec![("Authorization", a)]).unwrap_or_default();
+    let (status, text) = http_with(server.addr, "POST", "/v1/reload", &headers, b"");
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+fn names(server: &Server) -> Vec<String> {
+    server.get_json("/v1/monitors")["monitors"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn config_reload_adds_removes_and_restarts_changed_monitors_only() {
+    let env = Env::new();
+    let config = [baseline_monitor("keep", 0.9), baseline_monitor("change", 0.9), baseline_monitor("drop", 0.9)].concat();
+    let server = Server::start(&env, &config, &[("VISUTILITY_ADMIN_TOKEN", TOKEN)]);
+    let evaluated = |name: &str| metric(&server, &format!("visutility_points_evaluated_total{{monitor=\"{name}\"}}"));
+    post_points(&server, 10, 0.95);
+    wait_for("10 evaluated each", Duration::from_secs(10), || (evaluated("keep") == 10.0 && evaluated("drop") == 10.0).then_some(()));
+
+    let reloaded = [HEADER, &baseline_monitor("keep", 0.9), &baseline_monitor("change", 0.5), &baseline_monitor("new", 0.9)].concat();
+    env.write("visutility.toml", &reloaded);
+    assert_eq!(reload(&server, None).0, 401);
+    let (status, body) = reload(&server, Some(TOKEN));
+    assert_eq!(status, 200, "{body}");
+    let r = &body["reloaded"];
+    assert_eq!(r["added"], serde_json::json!(["new"]));
+    assert_eq!(r["removed"], serde_json::json!(["drop"]));
+    assert_eq!(r["restarted"], serde_json::json!(["change"]));
+    assert_eq!(r["unchanged"], serde_json::json!(["keep"]));
+    assert_eq!(r["started_fresh"], serde_json::json!(["change"]), "its saved state had the old baseline");
+    assert_eq!(names(&server), ["keep", "change", "new"]);
+    // Untouched: its counters go on; restarted: a new instance.
+    assert_eq!(evaluated("keep"), 10.0);
+    assert_eq!(evaluated("change"), 0.0);
+    // The new configuration is in force: 0.8 is degraded for 0.9, not for 0.5.
+    post_points(&server, 1, 0.8);
+    wait_for("evaluated after reload", Duration::from_secs(10), || (evaluated("change") == 1.0 && evaluated("new") == 1.0).then_some(()));
+    let retrains = |name: &str| metric(&server, &format!("visutility_verdicts_total{{monitor=\"{name}\",kind=\"retrain\"}}"));
+    assert_eq!((retrains("keep"), retrains("change"), retrains("new")), (1.0, 0.0, 1.0));
+
+    // A broken file changes nothing.
+    env.write("visutility.toml", format!("{HEADER}[[monitor]]\nname = \"x\"\nstrategy = \"builtin:nope\"\n"));
+    let (status, body) = reload(&server, Some(TOKEN));
+    assert_eq!(status, 422, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("builtin:nope"), "{body}");
+    env.write("visutility.toml", format!("{HEADER}[[monitor]]\nname = \"x\"\ncooldown = \"soon\"\n"));
+    assert_eq!(reload(&server, Some(TOKEN)).0, 422);
+    assert_eq!(names(&server), ["keep", "change", "new"]);
+
+    // SIGHUP reloads too.
+    env.write("visutility.toml", [reloaded.as_str(), &baseline_monitor("hup", 0.9)].concat());
+    server.signal("HUP");
+    wait_for("the SIGHUP reload", Duration::from_secs(10), || (names(&server).len() == 4).then_some(()));
+    assert_eq!(names(&server), ["keep", "change", "new", "hup"]);
+    assert_eq!(evaluated("keep"), 11.0, "unchanged monitors stay untouched (their counters go on)");
+    assert_eq!(server.terminate(), Some(0));
+}

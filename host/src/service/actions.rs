@@ -27,8 +27,8 @@ pub const SIGNATURE_HEADER: &str = "X-Visutility-Signature";
 pub struct Deliverer {
     /// The store.
     pub store: Store,
-    /// Actions per monitor name.
-    pub actions: HashMap<String, Vec<ActionConfig>>,
+    /// Actions per monitor name (replaced on config reload).
+    pub actions: Arc<parking_lot::RwLock<HashMap<String, Vec<ActionConfig>>>>,
     /// Woken when a signal is recorded.
     pub wake: Arc<tokio::sync::Notify>,
     /// HTTP client for webhooks.
@@ -66,7 +66,8 @@ impl Deliverer {
 
     async fn deliver(&self, d: DueDelivery) {
         let monitor = &d.signal.signal.monitor;
-        let Some(action) = self.actions.get(monitor).and_then(|a| a.get(d.action as usize)).cloned() else {
+        let action = self.actions.read().get(monitor).and_then(|a| a.get(d.action as usize)).cloned();
+        let Some(action) = action else {
             let _ = self.store.finish_attempt(
                 d.signal_id,
                 d.action,

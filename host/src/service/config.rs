@@ -75,7 +75,7 @@ pub struct ServiceConfig {
 }
 
 /// One monitor: a strategy over the models its selector matches.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct MonitorConfig {
     /// Unique name.
@@ -130,7 +130,7 @@ pub struct MonitorConfig {
 
 /// Per-call limits of a monitor's strategy; absent fields take
 /// [`Limits::default`].
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Fuel per call.

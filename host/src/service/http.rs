@@ -35,6 +35,7 @@ pub fn router(service: Arc<Service>) -> Router {
         .route("/v1/monitors/{name}/strategy", put(put_strategy))
         .route("/v1/monitors/{name}/rollback", post(rollback))
         .route("/v1/monitors/{name}/swaps", get(swaps))
+        .route("/v1/reload", post(reload))
         .route("/v1/signals", get(signals))
         .route("/v1/failures", get(failures))
         .route("/metrics", get(metrics))
@@ -75,7 +76,7 @@ async fn ingest(State(service): State<Arc<Service>>, headers: HeaderMap, body: B
         }
         Err(busy) => {
             service.metrics.rejected_busy.fetch_add(count as u64, Ordering::Relaxed);
-            unavailable(&format!("monitor `{busy}` is behind; nothing of this request was accepted, retry it"), 1)
+            unavailable(&format!("monitor `{busy}` is behind or restarting; nothing of this request was accepted, retry it"), 1)
         }
     }
 }
@@ -152,12 +153,12 @@ fn parse_body(body: &[u8], ndjson: bool, service: &Service) -> Result<Vec<Observ
 }
 
 async fn monitors(State(service): State<Arc<Service>>) -> Response {
-    let list: Vec<_> = service.monitors.iter().map(|m| service.status_of(m)).collect();
+    let list: Vec<_> = service.monitors().iter().map(|m| service.status_of(m)).collect();
     axum::Json(json!({ "monitors": list })).into_response()
 }
 
 async fn monitor(State(service): State<Arc<Service>>, Path(name): Path<String>) -> Response {
-    match service.monitors.iter().find(|m| m.config.name == name) {
+    match service.monitors().iter().find(|m| m.config.name == name) {
         Some(m) => axum::Json(service.status_of(m)).into_response(),
         None => error(StatusCode::NOT_FOUND, json!({"error": format!("no monitor named `{name}`")})),
     }
@@ -186,7 +187,7 @@ async fn resume(State(service): State<Arc<Service>>, Path(name): Path<String>, h
     if let Err(resp) = admin(&service, &headers) {
         return *resp;
     }
-    match service.monitors.iter().find(|m| m.config.name == name) {
+    match service.monitors().iter().find(|m| m.config.name == name) {
         None => error(StatusCode::NOT_FOUND, json!({"error": format!("no monitor named `{name}`")})),
         Some(m) if !m.quarantined() => error(StatusCode::CONFLICT, json!({"error": format!("monitor `{name}` is not quarantined")})),
         Some(m) => {
@@ -223,7 +224,7 @@ async fn put_strategy(
     if let Err(resp) = admin(&service, &headers) {
         return *resp;
     }
-    let Some(monitor) = service.monitors.iter().find(|m| m.config.name == name).cloned() else {
+    let Some(monitor) = service.monitors().iter().find(|m| m.config.name == name).cloned() else {
         return error(StatusCode::NOT_FOUND, json!({"error": format!("no monitor named `{name}`")}));
     };
     if let Some(c) = &p.config
@@ -255,8 +256,21 @@ fn swap_response(
     match outcome {
         Ok(Ok(report)) => axum::Json(json!({ "monitor": name, "swapped": report })).into_response(),
         Ok(Err((status, reason))) => {
-            error(status, json!({ "error": reason, "serving": service.monitors.iter().find(|m| m.config.name == name).map(|m| m.status().strategy) }))
+            error(status, json!({ "error": reason, "serving": service.monitors().iter().find(|m| m.config.name == name).map(|m| m.status().strategy) }))
         }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()})),
+    }
+}
+
+/// `POST /v1/reload`: re-read the configuration file (admin).
+async fn reload(State(service): State<Arc<Service>>, headers: HeaderMap) -> Response {
+    if let Err(resp) = admin(&service, &headers) {
+        return *resp;
+    }
+    let s = service.clone();
+    match tokio::task::spawn_blocking(move || s.reload()).await {
+        Ok(Ok(report)) => axum::Json(json!({ "reloaded": report })).into_response(),
+        Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, json!({"error": format!("configuration not reloaded: {e}")})),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()})),
     }
 }
@@ -266,7 +280,7 @@ async fn rollback(State(service): State<Arc<Service>>, Path(name): Path<String>,
     if let Err(resp) = admin(&service, &headers) {
         return *resp;
     }
-    let Some(monitor) = service.monitors.iter().find(|m| m.config.name == name).cloned() else {
+    let Some(monitor) = service.monitors().iter().find(|m| m.config.name == name).cloned() else {
         return error(StatusCode::NOT_FOUND, json!({"error": format!("no monitor named `{name}`")}));
     };
     let outcome = tokio::task::spawn_blocking(move || {
@@ -284,7 +298,7 @@ struct SwapsParams {
 
 /// `GET /v1/monitors/{name}/swaps`: swaps, refusals and rollbacks, newest first.
 async fn swaps(State(service): State<Arc<Service>>, Path(name): Path<String>, Query(p): Query<SwapsParams>) -> Response {
-    if !service.monitors.iter().any(|m| m.config.name == name) {
+    if !service.monitors().iter().any(|m| m.config.name == name) {
         return error(StatusCode::NOT_FOUND, json!({"error": format!("no monitor named `{name}`")}));
     }
     let store = service.store.clone();
@@ -353,7 +367,7 @@ async fn ready(State(service): State<Arc<Service>>) -> Response {
     if service.shutting_down() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
-    if let Some(m) = service.monitors.iter().find(|m| !m.has_room()) {
+    if let Some(m) = service.monitors().iter().find(|m| !m.has_room()) {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("monitor `{}` is behind\n", m.config.name)).into_response();
     }
     (StatusCode::OK, "ready\n").into_response()
@@ -398,12 +412,12 @@ async fn metrics(State(service): State<Arc<Service>>) -> Response {
     ];
     for (name, kind, help, f) in per_monitor {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for mon in service.monitors.iter() {
+        for mon in service.monitors().iter() {
             let _ = writeln!(out, "{name}{{monitor=\"{}\"}} {}", mon.config.name, f(&mon.stats));
         }
     }
     let _ = writeln!(out, "# HELP visutility_verdicts_total Non-healthy verdicts by kind.\n# TYPE visutility_verdicts_total counter");
-    for mon in service.monitors.iter() {
+    for mon in service.monitors().iter() {
         let s = &mon.stats;
         let _ = writeln!(out, "visutility_verdicts_total{{monitor=\"{}\",kind=\"warn\"}} {}", mon.config.name, s.verdicts_warn.load(Ordering::Relaxed));
         let _ = writeln!(out, "visutility_verdicts_total{{monitor=\"{}\",kind=\"retrain\"}} {}", mon.config.name, s.verdicts_retrain.load(Ordering::Relaxed));
@@ -412,7 +426,7 @@ async fn metrics(State(service): State<Arc<Service>>) -> Response {
         out,
         "# HELP visutility_strategy_call_seconds Latency of strategy calls.\n# TYPE visutility_strategy_call_seconds histogram"
     );
-    for mon in service.monitors.iter() {
+    for mon in service.monitors().iter() {
         let s = &mon.stats;
         let mut cumulative = 0;
         for (i, le) in LATENCY_BUCKETS.iter().enumerate() {

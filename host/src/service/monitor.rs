@@ -375,6 +375,11 @@ impl Monitor {
         }))
     }
 
+    /// Whether it takes batches (false once it is stopping).
+    pub fn accepting(&self) -> bool {
+        self.tx.lock().is_some()
+    }
+
     /// Whether the queue has room for one more batch.
     pub fn has_room(&self) -> bool {
         self.stats.queued.load(Ordering::Relaxed) < self.capacity
@@ -918,6 +923,12 @@ impl Worker {
         let old_json = std::mem::replace(&mut self.json, json);
         let old_info = std::mem::replace(&mut self.info, info);
         let old_meta = std::mem::replace(&mut self.meta, self.component.meta().clone());
+        if self.json != old_json {
+            // The stored states describe the old configuration.
+            if let Err(e) = self.outbox.store.clear_states(&self.config.name) {
+                tracing::error!(monitor = %self.config.name, "cannot forget the old detector state: {e}");
+            }
+        }
         self.previous = Some((old_component, old_json));
         let probation = self.config.probation;
         self.probation = (!probation.is_zero()).then(|| (Instant::now() + probation, 0));
@@ -980,6 +991,10 @@ impl Worker {
                     states.push((model, bytes));
                 }
             }
+        }
+        if json != self.json {
+            // Saved state embeds the configuration it was made with.
+            return Ok((candidate, format!("new configuration: detectors start fresh ({} model(s) had state)", states.len())));
         }
         let (mut moved, mut fresh) = (0, Vec::new());
         for (model, bytes) in &states {

@@ -534,6 +534,21 @@ impl Store {
     /// # Errors
     ///
     /// [`StoreError`].
+    /// Forgets every saved detector state of `monitor` (its configuration
+    /// changed, so the states no longer describe it).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`].
+    pub fn clear_states(&self, monitor: &str) -> Result<usize, StoreError> {
+        Ok(self.conn.lock().execute("DELETE FROM detector_state WHERE monitor = ?1", [monitor])?)
+    }
+
+    /// The saved detector states of `monitor`: model, component SHA-256, bytes.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError`].
     pub fn load_states(&self, monitor: &str) -> Result<Vec<(String, String, Vec<u8>)>, StoreError> {
         let conn = self.conn.lock();
         let mut stmt =

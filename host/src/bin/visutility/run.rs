@@ -61,18 +61,21 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         return Ok(());
     }
     let runtime = tokio::runtime::Runtime::new().map_err(Failure::runtime)?;
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, args.config.clone()))
 }
 
-async fn serve(config: ServiceConfig) -> Result<(), Failure> {
+async fn serve(config: ServiceConfig, path: Option<std::path::PathBuf>) -> Result<(), Failure> {
     let listen = config.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))
         .map_err(Failure::runtime)?;
     let service = Service::start(config).map_err(Failure::input)?;
+    if let Some(path) = path {
+        service.set_config_path(path);
+    }
     let addr = listener.local_addr().map_err(Failure::runtime)?;
-    println!("visutility listening on http://{addr} ({} monitor(s))", service.monitors.len());
+    println!("visutility listening on http://{addr} ({} monitor(s))", service.monitors().len());
     let shutdown = CancellationToken::new();
     {
         let shutdown = shutdown.clone();
@@ -84,6 +87,21 @@ async fn serve(config: ServiceConfig) -> Result<(), Failure> {
                 _ = term.recv() => {}
             }
             shutdown.cancel();
+        });
+    }
+    {
+        // SIGHUP: reload the configuration file.
+        let service = service.clone();
+        tokio::spawn(async move {
+            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+            while hup.recv().await.is_some() {
+                let s = service.clone();
+                match tokio::task::spawn_blocking(move || s.reload()).await {
+                    Ok(Ok(report)) => eprintln!("configuration reloaded (SIGHUP): {}", serde_json::to_string(&report).unwrap_or_default()),
+                    Ok(Err(e)) => eprintln!("configuration not reloaded (SIGHUP): {e}"),
+                    Err(e) => eprintln!("configuration not reloaded (SIGHUP): {e}"),
+                }
+            }
         });
     }
     service.serve(listener, shutdown).await.map_err(Failure::runtime)?;
