@@ -238,7 +238,12 @@ pub fn restore_state<D: Detector>(state: &[u8]) -> Result<D, String> {
     let body = state
         .strip_prefix(STATE_MAGIC.as_slice())
         .ok_or_else(|| format!("saved state does not fit strategy `{}`: not a VisuTility state (bad header)", D::NAME))?;
-    postcard::from_bytes(body).map_err(|e| format!("saved state does not fit strategy `{}`: {e}", D::NAME))
+    postcard::from_bytes(body).map_err(|e| {
+        format!(
+            "saved state does not fit strategy `{}`: saved by another strategy or an incompatible version ({e})",
+            D::NAME
+        )
+    })
 }
 
 /// Which value of a point a detector watches: `"score"` (the default),

@@ -266,6 +266,9 @@ enum Message {
     Rollback { trigger: String, reply: mpsc::Sender<Result<SwapReport, String>> },
 }
 
+/// Saved detector states: model and bytes.
+type States = Vec<(String, Vec<u8>)>;
+
 /// Retrain verdicts kept per monitor for shadow agreement.
 const RECENT_VERDICTS: usize = 10_000;
 
@@ -345,6 +348,7 @@ impl Monitor {
             skipped_at_stop: 0,
             serving: serving.clone(),
             previous: None,
+            previous_states: Vec::new(),
             probation: None,
             recent: std::collections::VecDeque::new(),
             recent_points: 0,
@@ -560,6 +564,8 @@ struct Worker {
     verdicts: Arc<Mutex<RecentVerdicts>>,
     /// What a rollback restores: component and configuration.
     previous: Option<(StrategyComponent, String)>,
+    /// The previous version's detector states when it was swapped out.
+    previous_states: States,
     /// A new version's probation: until when, and its failures so far.
     probation: Option<(Instant, u32)>,
     /// The last batches (at least `RECENT_POINTS` snapshots), for dry runs.
@@ -906,10 +912,12 @@ impl Worker {
             version: info.map(|i| i.version.clone()).unwrap_or_default(),
             sha256: component.meta().sha256.clone(),
         };
-        let result = self.validate_and_migrate(&component, &json, dry_run);
-        let (mut instance, detail) = match result {
+        let fallback = if trigger.starts_with("rollback") { std::mem::take(&mut self.previous_states) } else { Vec::new() };
+        let result = self.validate_and_migrate(&component, &json, dry_run, &fallback);
+        let (mut instance, detail, old_states) = match result {
             Ok(ok) => ok,
             Err(reason) => {
+                self.previous_states = fallback;
                 self.stats.swaps_refused.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(monitor = %self.config.name, trigger, "strategy swap refused: {reason}");
                 self.record_swap(trigger, "refused", &old, &candidate_status(None), &reason);
@@ -930,6 +938,7 @@ impl Worker {
             }
         }
         self.previous = Some((old_component, old_json));
+        self.previous_states = old_states;
         let probation = self.config.probation;
         self.probation = (!probation.is_zero()).then(|| (Instant::now() + probation, 0));
         // A swap also ends a quarantine: the new version starts clean.
@@ -953,7 +962,13 @@ impl Worker {
         Ok(SwapReport { old, new, detail })
     }
 
-    fn validate_and_migrate(&mut self, component: &StrategyComponent, json: &str, dry_run: bool) -> Result<(StrategyInstance, String), String> {
+    fn validate_and_migrate(
+        &mut self,
+        component: &StrategyComponent,
+        json: &str,
+        dry_run: bool,
+        fallback: &[(String, Vec<u8>)],
+    ) -> Result<(StrategyInstance, String, States), String> {
         let limits = self.config.limits.limits();
         let mut candidate = component.instantiate(json, limits.clone()).map_err(|e| format!("candidate refused: {e}"))?;
         if dry_run && self.recent_points > 0 {
@@ -994,22 +1009,36 @@ impl Worker {
         }
         if json != self.json {
             // Saved state embeds the configuration it was made with.
-            return Ok((candidate, format!("new configuration: detectors start fresh ({} model(s) had state)", states.len())));
+            let n = states.len();
+            return Ok((candidate, format!("new configuration: detectors start fresh ({n} model(s) had state)"), states));
         }
         let (mut moved, mut fresh) = (0, Vec::new());
         for (model, bytes) in &states {
             match candidate.restore(model, bytes) {
                 Ok(Ok(())) => moved += 1,
-                Ok(Err(why)) => fresh.push(format!("{model} ({why})")),
+                Ok(Err(why)) => fresh.push((model.clone(), why)),
                 Err(e) => return Err(format!("candidate refused: restoring the state of `{model}` failed: {e}")),
             }
         }
+        // A rollback: the version rolled back to had these states when it
+        // was swapped out; they fit it where the newer version's do not.
+        let mut fallback_used = 0;
+        for (model, bytes) in fallback {
+            let missing = !states.iter().any(|(m, _)| m == model) || fresh.iter().any(|(m, _)| m == model);
+            if missing && let Ok(Ok(())) = candidate.restore(model, bytes) {
+                fresh.retain(|(m, _)| m != model);
+                fallback_used += 1;
+            }
+        }
+        let fresh: Vec<String> = fresh.into_iter().map(|(m, why)| format!("{m} ({why})")).collect();
+        let moved = moved + fallback_used;
         let detail = match (moved, fresh.len()) {
             (0, 0) => "no detector state to move".to_string(),
             (m, 0) => format!("detector state moved for {m} model(s)"),
+            (0, _) => format!("started fresh for {}", fresh.join(", ")),
             (m, _) => format!("detector state moved for {m} model(s); started fresh for {}", fresh.join(", ")),
         };
-        Ok((candidate, detail))
+        Ok((candidate, detail, states))
     }
 
     /// Serves the previous version again (validated, without a dry run).
