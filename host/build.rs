@@ -48,7 +48,20 @@ fn main() {
         cmd.args(["-p", &g.package]);
     }
     // The outer build's flags are for the host, not for wasm guests.
-    for var in ["CARGO_ENCODED_RUSTFLAGS", "RUSTFLAGS", "CARGO_BUILD_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET"] {
+    // Nor its wrappers: under `cargo clippy` the guests would otherwise be
+    // compiled by clippy-driver (other MIR optimisation, other code) and
+    // replace the real ones in the shared guest directory.
+    for var in [
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTC_WRAPPER",
+        "CARGO_BUILD_RUSTC_WRAPPER",
+        "CARGO_BUILD_RUSTC_WORKSPACE_WRAPPER",
+    ] {
         cmd.env_remove(var);
     }
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());

@@ -111,7 +111,7 @@ impl HostState {
                             message.push(' ');
                             message.push_str(next);
                         }
-                        panic = Some(truncate_chars(message, 512));
+                        panic = Some(truncate_chars(message, 512, "…"));
                     }
                 }
             }
@@ -129,20 +129,13 @@ impl WasiView for HostState {
 impl types::Host for HostState {}
 
 impl host::Host for HostState {
-    fn log(&mut self, level: types::Level, mut message: String) {
+    fn log(&mut self, level: types::Level, message: String) {
         if self.log_budget == 0 {
             self.counters.log_lines_dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
         self.log_budget -= 1;
-        if message.len() > LOG_MESSAGE_MAX {
-            let mut cut = LOG_MESSAGE_MAX;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-            message.push_str("… (truncated)");
-        }
+        let message = truncate_chars(message, LOG_MESSAGE_MAX, "… (truncated)");
         let s = &self.label;
         match level {
             types::Level::Trace => tracing::trace!(target: "visutility::strategy", strategy = %s, "{message}"),
@@ -319,14 +312,15 @@ impl tokio::io::AsyncWrite for CapturedOutput {
     }
 }
 
-fn truncate_chars(mut s: String, max: usize) -> String {
+/// `s` cut to at most `max` bytes (at a character boundary), then `mark`.
+fn truncate_chars(mut s: String, max: usize, mark: &str) -> String {
     if s.len() > max {
         let mut cut = max;
         while !s.is_char_boundary(cut) {
             cut -= 1;
         }
         s.truncate(cut);
-        s.push('…');
+        s.push_str(mark);
     }
     s
 }

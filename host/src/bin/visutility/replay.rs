@@ -94,6 +94,17 @@ fn output(path: &std::path::Path) -> Result<Box<dyn Write>, Failure> {
     })
 }
 
+/// Maps a replay error to a failure: a malformed line names `FILE:LINE`
+/// (bad input), anything else is a runtime failure.
+fn located(input: &std::path::Path) -> impl Fn(ReplayError) -> Failure {
+    let name = input.display().to_string();
+    move |e| match e {
+        ReplayError::Line { line, message } => Failure::input(anyhow!("{name}:{line}: {message}")),
+        other @ ReplayError::Strategy(_) => Failure::runtime(other),
+        other => Failure::input(other),
+    }
+}
+
 pub fn run(args: ReplayArgs) -> Result<(), Failure> {
     if let Some(pair) = &args.compare {
         return compare(&args, &pair[0], &pair[1]);
@@ -103,12 +114,8 @@ pub fn run(args: ReplayArgs) -> Result<(), Failure> {
 
     let started = Instant::now();
     let bytes = read_input(&args.input)?;
-    let input_name = args.input.display().to_string();
-    let located = |e: ReplayError| match e {
-        ReplayError::Line { line, message } => Failure::input(anyhow!("{input_name}:{line}: {message}")),
-        other => Failure::input(other),
-    };
-    let text = as_utf8(&bytes).map_err(located)?;
+    let located = located(&args.input);
+    let text = as_utf8(&bytes).map_err(&located)?;
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
 
     let mut out = output(&args.output)?;
@@ -153,21 +160,17 @@ pub fn run(args: ReplayArgs) -> Result<(), Failure> {
 fn compare(args: &ReplayArgs, a: &str, b: &str) -> Result<(), Failure> {
     let mut instances = [instance(a, args.config_a.as_deref(), args)?, instance(b, args.config_b.as_deref(), args)?];
     let bytes = read_input(&args.input)?;
-    let input_name = args.input.display().to_string();
-    let located = |e: ReplayError| match e {
-        ReplayError::Line { line, message } => Failure::input(anyhow!("{input_name}:{line}: {message}")),
-        other => Failure::runtime(other),
-    };
-    let text = as_utf8(&bytes).map_err(located)?;
+    let located = located(&args.input);
+    let text = as_utf8(&bytes).map_err(&located)?;
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
-    let observations = parse_lines(text, threads).map_err(located)?;
+    let observations = parse_lines(text, threads).map_err(&located)?;
     let mut signals: [Vec<ReplaySignal>; 2] = [Vec::new(), Vec::new()];
     for (instance, out) in instances.iter_mut().zip(signals.iter_mut()) {
         replay(instance, &observations, |s| {
             out.push(s.clone());
             Ok(())
         })
-        .map_err(located)?;
+        .map_err(&located)?;
     }
     let c = visutility_host::replay::compare(&signals[0], &signals[1], args.tolerance);
 
