@@ -146,21 +146,22 @@ fn main() {
         },
         Case { name: "adwin", builtin: "adwin", config: "{}", native: native::<visutility_adwin::Adwin> },
     ];
-    // `-- --profile NAME [native]`: only NAME's WASM (or native) path at
-    // batch 1024 for ~5 s, to run under `perf record` (with
+    // `-- --profile NAME [native] [--batch N]`: only NAME's WASM (or native)
+    // path at batch N (default 1024) for ~5 s, to run under `perf record` (with
     // `VISUTILITY_PERFMAP=1` so that perf names the guest's functions).
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--profile") {
         let case = cases.iter().find(|c| Some(c.name) == args.get(i + 1).map(String::as_str)).expect("--profile NAME");
         let native = args.get(i + 2).is_some_and(|a| a == "native");
+        let batch = args.iter().position(|a| a == "--batch").and_then(|j| args.get(j + 1)).map_or(1024, |b| b.parse().expect("--batch N"));
         let component =
             StrategyComponent::load_with(runtime, &StrategySource::Builtin(case.builtin.into())).expect("load");
         let until = Instant::now() + Duration::from_secs(5);
         while Instant::now() < until {
             if native {
-                black_box((case.native)(case.config, &scores, &ts, 1024));
+                black_box((case.native)(case.config, &scores, &ts, batch));
             } else {
-                black_box(wasm(&component, case.config, &scores, &ts, 1024));
+                black_box(wasm(&component, case.config, &scores, &ts, batch));
             }
         }
         return;
