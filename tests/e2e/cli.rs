@@ -175,6 +175,7 @@ fn bad_strategy_files_say_what_is_wrong() {
         (env.write("core.wasm", b"\0asm\x01\0\0\0").display().to_string(), "is a core WebAssembly module, not a component"),
         (env.write("truncated.wasm", &baseline[..baseline.len() / 2]).display().to_string(), "is not a valid component"),
         (env.write("empty-component.wasm", b"\0asm\x0d\0\x01\0").display().to_string(), "targets another world"),
+        (guest("wrong-world").to_string(), "targets another world"),
         (next.to_string(), "built against `visutility:strategy@0.2.0` but this host speaks `visutility:strategy@0.1.0`"),
         (env.path("missing.wasm").display().to_string(), "cannot read strategy"),
         ("builtin:nope".to_string(), "unknown strategy `builtin:nope`; bundled strategies: adwin, baseline, bocpd, cusum, ewma, page-hinkley"),
