@@ -170,6 +170,8 @@ fn no_snapshot_is_lost_or_evaluated_twice_across_swaps_under_load() {
         swaps += 1;
     }
     let accepted = posting.join().unwrap() as f64;
+    println!("{swaps} swaps under load, {accepted} snapshots accepted");
+    assert!(accepted >= 10_000.0, "too little load: {accepted} snapshots");
     assert!(swaps >= 5, "only {swaps} swaps");
     wait_for("all evaluated", Duration::from_secs(20), || {
         (metric(&server, "visutility_points_evaluated_total{monitor=\"m\"}") >= accepted).then_some(())
