@@ -22,14 +22,24 @@ struct Guest {
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
-    let root = manifest_dir.parent().expect("host/ lives in the workspace root").to_path_buf();
+    let root = manifest_dir
+        .parent()
+        .expect("host/ lives in the workspace root")
+        .to_path_buf();
     let target_dir = match env::var_os("CARGO_TARGET_DIR") {
         Some(dir) => root.join(dir),
         None => root.join("target"),
     };
     let guest_dir = target_dir.join("wasm-guests");
 
-    for watched in ["wit", "strategy-sdk/src", "strategy-sdk/Cargo.toml", "strategies", "tests/guests", "Cargo.lock"] {
+    for watched in [
+        "wit",
+        "strategy-sdk/src",
+        "strategy-sdk/Cargo.toml",
+        "strategies",
+        "tests/guests",
+        "Cargo.lock",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     println!("cargo:rerun-if-env-changed=VISUTILITY_GUEST_CARGO_ARGS");
@@ -42,7 +52,14 @@ fn main() {
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&root)
-        .args(["build", "--target", TARGET, "--profile", PROFILE, "--target-dir"])
+        .args([
+            "build",
+            "--target",
+            TARGET,
+            "--profile",
+            PROFILE,
+            "--target-dir",
+        ])
         .arg(&guest_dir);
     for g in &guests {
         cmd.args(["-p", &g.package]);
@@ -65,7 +82,9 @@ fn main() {
         cmd.env_remove(var);
     }
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let out = cmd.output().expect("failed to run the nested `cargo build` for the wasm guests");
+    let out = cmd
+        .output()
+        .expect("failed to run the nested `cargo build` for the wasm guests");
     if !out.status.success() {
         panic!(
             "building the strategy components for {TARGET} failed:\n{}\n{}",
@@ -80,14 +99,26 @@ fn main() {
     code.push_str("pub static BUILTINS: &[(&str, &[u8])] = &[\n");
     for g in guests.iter().filter(|g| g.bundled) {
         let path = artifact(&artifacts, &g.package);
-        writeln!(code, "    ({:?}, include_bytes!({:?})),", g.name, path.display().to_string()).unwrap();
+        writeln!(
+            code,
+            "    ({:?}, include_bytes!({:?})),",
+            g.name,
+            path.display().to_string()
+        )
+        .unwrap();
     }
     code.push_str("];\n");
     code.push_str("/// Test guests (never bundled): name and path of the built component.\n");
     code.push_str("pub static TEST_GUESTS: &[(&str, &str)] = &[\n");
     for g in guests.iter().filter(|g| !g.bundled) {
         let path = artifact(&artifacts, &g.package);
-        writeln!(code, "    ({:?}, {:?}),", g.name, path.display().to_string()).unwrap();
+        writeln!(
+            code,
+            "    ({:?}, {:?}),",
+            g.name,
+            path.display().to_string()
+        )
+        .unwrap();
     }
     code.push_str("];\n");
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
@@ -96,20 +127,32 @@ fn main() {
 
 fn artifact(dir: &Path, package: &str) -> PathBuf {
     let path = dir.join(format!("{}.wasm", package.replace('-', "_")));
-    assert!(path.exists(), "the guest build did not produce {}", path.display());
+    assert!(
+        path.exists(),
+        "the guest build did not produce {}",
+        path.display()
+    );
     path
 }
 
 fn discover(dir: &Path, bundled: bool) -> Vec<Guest> {
-    let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
     let mut guests: Vec<Guest> = entries
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let manifest = fs::read_to_string(e.path().join("Cargo.toml")).ok()?;
-            let package = manifest
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("name = ").map(|n| n.trim_matches('"').to_string()))?;
-            Some(Guest { name: e.file_name().to_string_lossy().into_owned(), package, bundled })
+            let package = manifest.lines().find_map(|l| {
+                l.trim()
+                    .strip_prefix("name = ")
+                    .map(|n| n.trim_matches('"').to_string())
+            })?;
+            Some(Guest {
+                name: e.file_name().to_string_lossy().into_owned(),
+                package,
+                bundled,
+            })
         })
         .collect();
     guests.sort_by(|a, b| a.name.cmp(&b.name));
@@ -118,8 +161,13 @@ fn discover(dir: &Path, bundled: bool) -> Vec<Guest> {
 
 fn check_target_installed() {
     let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-    let sysroot = Command::new(rustc).args(["--print", "sysroot"]).output().ok();
-    let Some(sysroot) = sysroot.filter(|o| o.status.success()) else { return };
+    let sysroot = Command::new(rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .ok();
+    let Some(sysroot) = sysroot.filter(|o| o.status.success()) else {
+        return;
+    };
     let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
     if !sysroot.join("lib/rustlib").join(TARGET).exists() {
         panic!(

@@ -15,7 +15,9 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use visutility_host::Limits;
-use visutility_host::runtime::{PointBatch, Runtime, RuntimeConfig, StrategyComponent, StrategySource};
+use visutility_host::runtime::{
+    PointBatch, Runtime, RuntimeConfig, StrategyComponent, StrategySource,
+};
 use visutility_strategy::{Detector, evaluate_columns, parse_config};
 
 struct Case {
@@ -41,8 +43,16 @@ fn native<D: Detector>(config: &str, scores: &[f64], ts: &[i64], batch: usize) -
     fired
 }
 
-fn wasm(component: &StrategyComponent, config: &str, scores: &[f64], ts: &[i64], batch: usize) -> usize {
-    let mut inst = component.instantiate(config, Limits::default()).expect("instantiate");
+fn wasm(
+    component: &StrategyComponent,
+    config: &str,
+    scores: &[f64],
+    ts: &[i64],
+    batch: usize,
+) -> usize {
+    let mut inst = component
+        .instantiate(config, Limits::default())
+        .expect("instantiate");
     let mut points = PointBatch::new();
     let mut fired = 0;
     for (s, t) in scores.chunks(batch).zip(ts.chunks(batch)) {
@@ -50,7 +60,10 @@ fn wasm(component: &StrategyComponent, config: &str, scores: &[f64], ts: &[i64],
         // them into its batch, then across the boundary.
         points.clear();
         points.extend_scores(s, t);
-        fired += inst.evaluate("bench-model", &points).expect("evaluate").len();
+        fired += inst
+            .evaluate("bench-model", &points)
+            .expect("evaluate")
+            .len();
     }
     fired
 }
@@ -88,7 +101,11 @@ fn best(reps: usize, mut f: impl FnMut() -> usize) -> (Duration, usize) {
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
     pages * 4096
 }
 
@@ -110,7 +127,9 @@ fn stream(n: usize) -> (Vec<f64>, Vec<i64>) {
             level + 0.05 * noise
         })
         .collect();
-    let ts = (0..n as i64).map(|i| 1_780_000_000_000 + i * 1000).collect();
+    let ts = (0..n as i64)
+        .map(|i| 1_780_000_000_000 + i * 1000)
+        .collect();
     (scores, ts)
 }
 
@@ -122,11 +141,16 @@ fn main() {
 
     let cache = tempfile::tempdir().expect("temp dir");
     let runtime: &'static Runtime = Box::leak(Box::new(
-        Runtime::new(RuntimeConfig { cache_dir: Some(cache.path().to_path_buf()), ..RuntimeConfig::default() })
-            .expect("runtime"),
+        Runtime::new(RuntimeConfig {
+            cache_dir: Some(cache.path().to_path_buf()),
+            ..RuntimeConfig::default()
+        })
+        .expect("runtime"),
     ));
 
-    println!("# strategy evaluation: per-point time, native vs WASM (best of {reps}, {n} points)\n");
+    println!(
+        "# strategy evaluation: per-point time, native vs WASM (best of {reps}, {n} points)\n"
+    );
     println!("| detector | batch | native ns/pt | wasm ns/pt | wasm/native | verdicts |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     let cases = [
@@ -144,18 +168,31 @@ fn main() {
             config: r#"{"threshold": 5.0}"#,
             native: native::<visutility_page_hinkley::PageHinkley>,
         },
-        Case { name: "adwin", builtin: "adwin", config: "{}", native: native::<visutility_adwin::Adwin> },
+        Case {
+            name: "adwin",
+            builtin: "adwin",
+            config: "{}",
+            native: native::<visutility_adwin::Adwin>,
+        },
     ];
     // `-- --profile NAME [native] [--batch N]`: only NAME's WASM (or native)
     // path at batch N (default 1024) for ~5 s, to run under `perf record` (with
     // `VISUTILITY_PERFMAP=1` so that perf names the guest's functions).
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--profile") {
-        let case = cases.iter().find(|c| Some(c.name) == args.get(i + 1).map(String::as_str)).expect("--profile NAME");
+        let case = cases
+            .iter()
+            .find(|c| Some(c.name) == args.get(i + 1).map(String::as_str))
+            .expect("--profile NAME");
         let native = args.get(i + 2).is_some_and(|a| a == "native");
-        let batch = args.iter().position(|a| a == "--batch").and_then(|j| args.get(j + 1)).map_or(1024, |b| b.parse().expect("--batch N"));
+        let batch = args
+            .iter()
+            .position(|a| a == "--batch")
+            .and_then(|j| args.get(j + 1))
+            .map_or(1024, |b| b.parse().expect("--batch N"));
         let component =
-            StrategyComponent::load_with(runtime, &StrategySource::Builtin(case.builtin.into())).expect("load");
+            StrategyComponent::load_with(runtime, &StrategySource::Builtin(case.builtin.into()))
+                .expect("load");
         let until = Instant::now() + Duration::from_secs(5);
         while Instant::now() < until {
             if native {
@@ -168,13 +205,17 @@ fn main() {
     }
     for case in &cases {
         let component =
-            StrategyComponent::load_with(runtime, &StrategySource::Builtin(case.builtin.into())).expect("load");
+            StrategyComponent::load_with(runtime, &StrategySource::Builtin(case.builtin.into()))
+                .expect("load");
         for batch in [1usize, 64, 1024] {
             // One call per point is slow; fewer points keep the run short.
             let m = if batch == 1 { n / 8 } else { n };
             let (s, t) = (&scores[..m], &ts[..m]);
-            let ((tn, vn), (tw, vw)) =
-                best_pair(reps, || (case.native)(case.config, s, t, batch), || wasm(&component, case.config, s, t, batch));
+            let ((tn, vn), (tw, vw)) = best_pair(
+                reps,
+                || (case.native)(case.config, s, t, batch),
+                || wasm(&component, case.config, s, t, batch),
+            );
             assert_eq!(vn, vw, "{}: native and WASM verdicts differ", case.name);
             let per = |d: Duration| d.as_nanos() as f64 / m as f64;
             println!(
@@ -202,14 +243,27 @@ fn main() {
         }
         total
     });
-    println!("\nfilling batches of 1024 point by point (as ingestion does): {:.2} ns/pt", tf.as_nanos() as f64 / n as f64);
+    println!(
+        "\nfilling batches of 1024 point by point (as ingestion does): {:.2} ns/pt",
+        tf.as_nanos() as f64 / n as f64
+    );
 
-    println!("\n# what the sandbox costs: page-hinkley and adwin at batch 1024, per engine setting\n");
+    println!(
+        "\n# what the sandbox costs: page-hinkley and adwin at batch 1024, per engine setting\n"
+    );
     println!("| detector | setting | wasm ns/pt | wasm/native |");
     println!("| --- | --- | ---: | ---: |");
     let variants: [(&str, bool, bool); 4] = [
-        ("default (fuel metering, no NaN canonicalisation)", true, false),
-        ("fuel + NaN canonicalisation (`--canonicalize-nans`)", true, true),
+        (
+            "default (fuel metering, no NaN canonicalisation)",
+            true,
+            false,
+        ),
+        (
+            "fuel + NaN canonicalisation (`--canonicalize-nans`)",
+            true,
+            true,
+        ),
         ("no fuel metering", false, false),
         ("NaN canonicalisation, no fuel metering", false, true),
     ];
@@ -225,7 +279,8 @@ fn main() {
                 .expect("runtime"),
             ));
             let component =
-                StrategyComponent::load_with(rt, &StrategySource::Builtin(case.builtin.into())).expect("load");
+                StrategyComponent::load_with(rt, &StrategySource::Builtin(case.builtin.into()))
+                    .expect("load");
             let ((tn, _), (tw, _)) = best_pair(
                 reps,
                 || (case.native)(case.config, &scores, &ts, 1024),
@@ -242,8 +297,11 @@ fn main() {
 
     println!("\n# load and instantiation of builtin:baseline\n");
     let cold_rt: &'static Runtime = Box::leak(Box::new(
-        Runtime::new(RuntimeConfig { cache_dir: Some(cache.path().join("cold")), ..RuntimeConfig::default() })
-            .expect("runtime"),
+        Runtime::new(RuntimeConfig {
+            cache_dir: Some(cache.path().join("cold")),
+            ..RuntimeConfig::default()
+        })
+        .expect("runtime"),
     ));
     let source = StrategySource::Builtin("baseline".into());
     let cold = StrategyComponent::load_with(cold_rt, &source).expect("cold load");
@@ -255,14 +313,24 @@ fn main() {
     });
     let cached = StrategyComponent::load_with(cold_rt, &source).expect("cached load");
     let (inst_time, _) = best(reps * 4, || {
-        let i = cached.instantiate(r#"{"baseline": 0.9}"#, Limits::default()).expect("instantiate");
+        let i = cached
+            .instantiate(r#"{"baseline": 0.9}"#, Limits::default())
+            .expect("instantiate");
         black_box(i.info().name.len())
     });
     let compile = cold.meta().load_time;
     println!("| step | time | ratio |");
     println!("| --- | ---: | ---: |");
-    println!("| cold compile ({} KB component) | {:.1} ms | {:.0}x cache load |", cold.meta().size / 1024, ms(compile), compile.as_secs_f64() / cached_time.as_secs_f64());
-    println!("| load from cache (reference) | {:.2} ms | 1x |", ms(cached_time));
+    println!(
+        "| cold compile ({} KB component) | {:.1} ms | {:.0}x cache load |",
+        cold.meta().size / 1024,
+        ms(compile),
+        compile.as_secs_f64() / cached_time.as_secs_f64()
+    );
+    println!(
+        "| load from cache (reference) | {:.2} ms | 1x |",
+        ms(cached_time)
+    );
     println!(
         "| instantiate + describe + configure | {:.3} ms | {:.2}x cache load |",
         ms(inst_time),
@@ -273,7 +341,9 @@ fn main() {
     println!("| strategy | RSS added | per monitor |");
     println!("| --- | ---: | ---: |");
     for (name, config) in [("baseline", r#"{"warmup": 10}"#), ("adwin", "{}")] {
-        let component = StrategyComponent::load_with(runtime, &StrategySource::Builtin(name.into())).expect("load");
+        let component =
+            StrategyComponent::load_with(runtime, &StrategySource::Builtin(name.into()))
+                .expect("load");
         let before = rss_bytes();
         let mut monitors = Vec::with_capacity(1000);
         let mut points = PointBatch::new();
@@ -281,12 +351,18 @@ fn main() {
             points.push_score(s, 0);
         }
         for _ in 0..1000 {
-            let mut inst = component.instantiate(config, Limits::default()).expect("instantiate");
+            let mut inst = component
+                .instantiate(config, Limits::default())
+                .expect("instantiate");
             inst.evaluate("bench-model", &points).expect("evaluate");
             monitors.push(inst);
         }
         let added = rss_bytes().saturating_sub(before);
-        println!("| {name} | {:.1} MiB | {:.1} KiB |", added as f64 / (1 << 20) as f64, added as f64 / 1000.0 / 1024.0);
+        println!(
+            "| {name} | {:.1} MiB | {:.1} KiB |",
+            added as f64 / (1 << 20) as f64,
+            added as f64 / 1000.0 / 1024.0
+        );
         drop(monitors);
     }
 }

@@ -69,10 +69,16 @@ pub use error::MonitoringError;
 pub use observer::ConsoleObserver;
 pub use publisher::{DynObserver, MetricObserver, MetricPublisher, OverflowPolicy, PublisherStats};
 pub use runtime::{Limits, LoadError, StrategyError, StrategyFault};
-pub use snapshot::{MetricSnapshot, Observation, ObservationRef, SnapshotError, format_timestamp, ms_to_system_time, system_time_to_ms};
-pub use strategy::{BaselineStrategy, DEFAULT_MAX_BATCH, RetrainSignal, RetrainStrategy, VerdictEvent, WasmStrategy};
+pub use snapshot::{
+    MetricSnapshot, Observation, ObservationRef, SnapshotError, format_timestamp,
+    ms_to_system_time, system_time_to_ms,
+};
+pub use strategy::{
+    BaselineStrategy, DEFAULT_MAX_BATCH, RetrainSignal, RetrainStrategy, VerdictEvent, WasmStrategy,
+};
 pub use supervisor::{
-    DEFAULT_COOLDOWN, MonitoringSupervisor, SIGNAL_CHANNEL_BUFFER, ShutdownHandle, SupervisorStats, WATCHDOG_INTERVAL,
+    DEFAULT_COOLDOWN, MonitoringSupervisor, SIGNAL_CHANNEL_BUFFER, ShutdownHandle, SupervisorStats,
+    WATCHDOG_INTERVAL,
 };
 
 /// Maximum number of buffered `MetricSnapshot`s per Tokio broadcast channel.
@@ -84,6 +90,9 @@ pub mod __test_support {
     /// The built component of test guest `name` (a directory of
     /// `tests/guests/`).
     pub fn guest_path(name: &str) -> Option<&'static str> {
-        crate::runtime::builtin::TEST_GUESTS.iter().find(|(n, _)| *n == name).map(|(_, p)| *p)
+        crate::runtime::builtin::TEST_GUESTS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, p)| *p)
     }
 }

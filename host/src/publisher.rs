@@ -140,7 +140,9 @@ impl MetricPublisher {
                     }
                     OverflowPolicy::Lossless => {
                         self.refused.fetch_add(1, Ordering::Relaxed);
-                        return Err(MonitoringError::Backpressure { capacity: self.capacity });
+                        return Err(MonitoringError::Backpressure {
+                            capacity: self.capacity,
+                        });
                     }
                 }
             }
@@ -211,7 +213,12 @@ mod tests {
     use std::time::SystemTime;
 
     fn snap(score: f64) -> MetricSnapshot {
-        MetricSnapshot { model_version: "m".into(), score, loss: None, timestamp: SystemTime::now() }
+        MetricSnapshot {
+            model_version: "m".into(),
+            score,
+            loss: None,
+            timestamp: SystemTime::now(),
+        }
     }
 
     struct Count(Arc<AtomicU64>);
@@ -230,7 +237,14 @@ mod tests {
             p.publish(snap(f64::from(i))).unwrap();
         }
         assert_eq!(seen.load(Ordering::Relaxed), 10);
-        assert_eq!(p.stats(), PublisherStats { published: 10, dropped: 0, refused: 0 });
+        assert_eq!(
+            p.stats(),
+            PublisherStats {
+                published: 10,
+                dropped: 0,
+                refused: 0
+            }
+        );
     }
 
     #[test]
@@ -241,7 +255,10 @@ mod tests {
             p.publish(snap(f64::from(i))).unwrap();
         }
         assert_eq!(p.stats().dropped, 3);
-        assert!(matches!(rx.try_recv(), Err(broadcast::error::TryRecvError::Lagged(3))));
+        assert!(matches!(
+            rx.try_recv(),
+            Err(broadcast::error::TryRecvError::Lagged(3))
+        ));
     }
 
     #[tokio::test]
@@ -250,7 +267,10 @@ mod tests {
         let mut rx = p.subscribe_async();
         p.publish(snap(0.0)).unwrap();
         p.publish(snap(1.0)).unwrap();
-        assert!(matches!(p.publish(snap(2.0)), Err(MonitoringError::Backpressure { capacity: 2 })));
+        assert!(matches!(
+            p.publish(snap(2.0)),
+            Err(MonitoringError::Backpressure { capacity: 2 })
+        ));
         let p2 = p.clone();
         let waiter = tokio::spawn(async move { p2.publish_wait(snap(2.0)).await });
         let mut got = Vec::new();

@@ -82,7 +82,10 @@ pub fn read_observations(mut input: impl BufRead) -> Result<Vec<Observation>, Re
     let mut text = Vec::new();
     input.read_to_end(&mut text)?;
     let text = as_utf8(&text)?;
-    Ok(parse_lines(text, 1)?.into_iter().map(ObservationRef::into_observation).collect())
+    Ok(parse_lines(text, 1)?
+        .into_iter()
+        .map(ObservationRef::into_observation)
+        .collect())
 }
 
 /// Checks that `bytes` are UTF-8, naming the first line that is not.
@@ -92,7 +95,11 @@ pub fn read_observations(mut input: impl BufRead) -> Result<Vec<Observation>, Re
 /// [`ReplayError::Line`] for the line with the first invalid byte.
 pub fn as_utf8(bytes: &[u8]) -> Result<&str, ReplayError> {
     std::str::from_utf8(bytes).map_err(|e| ReplayError::Line {
-        line: bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1,
+        line: bytes[..e.valid_up_to()]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1,
         message: "not valid UTF-8".into(),
     })
 }
@@ -111,7 +118,11 @@ pub fn parse_lines(text: &str, threads: usize) -> Result<Vec<ObservationRef<'_>>
     let mut parts = Vec::with_capacity(threads);
     let mut start = 0;
     for i in 1..=threads {
-        let mut end = if i == threads { text.len() } else { (text.len() * i / threads).max(start) };
+        let mut end = if i == threads {
+            text.len()
+        } else {
+            (text.len() * i / threads).max(start)
+        };
         if end < text.len() {
             end = text[end..].find('\n').map_or(text.len(), |p| end + p + 1);
         }
@@ -122,16 +133,32 @@ pub fn parse_lines(text: &str, threads: usize) -> Result<Vec<ObservationRef<'_>>
         vec![parse_part(parts[0], received)]
     } else {
         std::thread::scope(|scope| {
-            let handles: Vec<_> = parts.iter().map(|p| scope.spawn(move || parse_part(p, received))).collect();
-            handles.into_iter().map(|h| h.join().expect("parser thread panicked")).collect()
+            let handles: Vec<_> = parts
+                .iter()
+                .map(|p| scope.spawn(move || parse_part(p, received)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("parser thread panicked"))
+                .collect()
         })
     };
-    let mut all = Vec::with_capacity(results.iter().map(|(_, r)| r.as_ref().map_or(0, Vec::len)).sum());
+    let mut all = Vec::with_capacity(
+        results
+            .iter()
+            .map(|(_, r)| r.as_ref().map_or(0, Vec::len))
+            .sum(),
+    );
     let mut lines_before = 0;
     for (lines, result) in results {
         match result {
             Ok(obs) => all.extend(obs),
-            Err((line, message)) => return Err(ReplayError::Line { line: lines_before + line, message }),
+            Err((line, message)) => {
+                return Err(ReplayError::Line {
+                    line: lines_before + line,
+                    message,
+                });
+            }
         }
         lines_before += lines;
     }
@@ -211,7 +238,10 @@ pub fn replay_text(
                 }
                 match result {
                     Err((line, message)) => {
-                        failure = Some(ReplayError::Line { line: line_offset + line, message });
+                        failure = Some(ReplayError::Line {
+                            line: line_offset + line,
+                            message,
+                        });
                         // Stop the parsers early; later items are moot.
                         next.store(items.len(), Ordering::Relaxed);
                     }
@@ -285,7 +315,10 @@ pub fn compare(a: &[ReplaySignal], b: &[ReplaySignal], tolerance: u64) -> Compar
     let retrain = |s: &[ReplaySignal]| -> HashMap<String, Vec<u64>> {
         let mut by_model: HashMap<String, Vec<u64>> = HashMap::new();
         for x in s.iter().filter(|x| x.kind == VerdictKind::Retrain) {
-            by_model.entry(x.model_version.clone()).or_default().push(x.index);
+            by_model
+                .entry(x.model_version.clone())
+                .or_default()
+                .push(x.index);
         }
         by_model
     };
@@ -296,7 +329,10 @@ pub fn compare(a: &[ReplaySignal], b: &[ReplaySignal], tolerance: u64) -> Compar
     models.dedup();
     let (mut matched, mut only_a, mut only_b, mut delays) = (0, Vec::new(), Vec::new(), Vec::new());
     for m in models {
-        let (xs, ys) = (ra.get(m).map_or(&[][..], Vec::as_slice), rb.get(m).map_or(&[][..], Vec::as_slice));
+        let (xs, ys) = (
+            ra.get(m).map_or(&[][..], Vec::as_slice),
+            rb.get(m).map_or(&[][..], Vec::as_slice),
+        );
         let mut j = 0;
         for &x in xs {
             while j < ys.len() && ys[j] + tolerance < x {
@@ -317,14 +353,21 @@ pub fn compare(a: &[ReplaySignal], b: &[ReplaySignal], tolerance: u64) -> Compar
     only_b.sort_unstable();
     let total = matched + only_a.len() + only_b.len();
     Comparison {
-        retrain: (count(a, VerdictKind::Retrain), count(b, VerdictKind::Retrain)),
+        retrain: (
+            count(a, VerdictKind::Retrain),
+            count(b, VerdictKind::Retrain),
+        ),
         warn: (count(a, VerdictKind::Warn), count(b, VerdictKind::Warn)),
         matched,
         only_a,
         only_b,
         tolerance,
         delays,
-        agreement: if total == 0 { 1.0 } else { matched as f64 / total as f64 },
+        agreement: if total == 0 {
+            1.0
+        } else {
+            matched as f64 / total as f64
+        },
     }
 }
 
@@ -424,16 +467,33 @@ mod tests {
     use super::*;
 
     fn sig(index: u64, model: &str, kind: VerdictKind) -> ReplaySignal {
-        ReplaySignal { index, model_version: model.into(), kind, reason: String::new(), score: 0.0, timestamp: 0 }
+        ReplaySignal {
+            index,
+            model_version: model.into(),
+            kind,
+            reason: String::new(),
+            score: 0.0,
+            timestamp: 0,
+        }
     }
 
     #[test]
     fn compare_pairs_per_model_within_the_tolerance() {
         use VerdictKind::{Retrain, Warn};
-        let a = [sig(100, "m", Retrain), sig(500, "m", Retrain), sig(120, "n", Retrain), sig(130, "n", Warn)];
+        let a = [
+            sig(100, "m", Retrain),
+            sig(500, "m", Retrain),
+            sig(120, "n", Retrain),
+            sig(130, "n", Warn),
+        ];
         // 130 pairs with m@100 (+30); m@900 is too far from 500; n@125 is
         // another model's stream than m's, pairs with n@120 (+5).
-        let b = [sig(130, "m", Retrain), sig(900, "m", Retrain), sig(125, "n", Retrain), sig(9, "o", Retrain)];
+        let b = [
+            sig(130, "m", Retrain),
+            sig(900, "m", Retrain),
+            sig(125, "n", Retrain),
+            sig(9, "o", Retrain),
+        ];
         let c = compare(&a, &b, 50);
         assert_eq!(c.retrain, (3, 4));
         assert_eq!(c.warn, (1, 0));
@@ -450,7 +510,10 @@ mod tests {
         let a = [sig(10, "m", Retrain), sig(11, "m", Retrain)];
         let b = [sig(12, "m", Retrain)];
         let c = compare(&a, &b, 5);
-        assert_eq!((c.matched, c.only_a.as_slice(), c.only_b.len()), (1, &[11u64][..], 0));
+        assert_eq!(
+            (c.matched, c.only_a.as_slice(), c.only_b.len()),
+            (1, &[11u64][..], 0)
+        );
         assert_eq!(compare(&[], &[], 5).agreement, 1.0);
     }
 }

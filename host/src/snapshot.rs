@@ -103,15 +103,22 @@ impl Observation {
     /// # Errors
     ///
     /// [`SnapshotError`] naming the field and the problem.
-    pub fn from_value(value: serde_json::Value, received: SystemTime) -> Result<Self, SnapshotError> {
-        let wire: Wire<'_> = Wire::deserialize(&value).map_err(|e| SnapshotError::Json(e.to_string()))?;
+    pub fn from_value(
+        value: serde_json::Value,
+        received: SystemTime,
+    ) -> Result<Self, SnapshotError> {
+        let wire: Wire<'_> =
+            Wire::deserialize(&value).map_err(|e| SnapshotError::Json(e.to_string()))?;
         wire.into_observation(received)
     }
 }
 
 impl From<MetricSnapshot> for Observation {
     fn from(snapshot: MetricSnapshot) -> Self {
-        Observation { snapshot, metrics: BTreeMap::new() }
+        Observation {
+            snapshot,
+            metrics: BTreeMap::new(),
+        }
     }
 }
 
@@ -144,7 +151,9 @@ pub enum SnapshotError {
 fn json_error(e: serde_json::Error) -> SnapshotError {
     let text = e.to_string();
     match text.rfind(" at line ") {
-        Some(pos) if e.line() <= 1 => SnapshotError::Json(format!("{} at column {}", &text[..pos], e.column())),
+        Some(pos) if e.line() <= 1 => {
+            SnapshotError::Json(format!("{} at column {}", &text[..pos], e.column()))
+        }
         _ => SnapshotError::Json(text),
     }
 }
@@ -153,17 +162,25 @@ fn finite(field: &str, value: f64) -> Result<(), SnapshotError> {
     if value.is_finite() {
         Ok(())
     } else {
-        Err(SnapshotError::NotFinite { field: field.to_string(), value })
+        Err(SnapshotError::NotFinite {
+            field: field.to_string(),
+            value,
+        })
     }
 }
 
 fn validate_model_version(m: &str) -> Result<(), SnapshotError> {
-    let invalid = |reason: &str| SnapshotError::Invalid { field: "model_version".into(), reason: reason.into() };
+    let invalid = |reason: &str| SnapshotError::Invalid {
+        field: "model_version".into(),
+        reason: reason.into(),
+    };
     if m.is_empty() {
         return Err(invalid("must not be empty"));
     }
     if m.len() > MAX_MODEL_VERSION_LEN {
-        return Err(invalid(&format!("longer than {MAX_MODEL_VERSION_LEN} bytes")));
+        return Err(invalid(&format!(
+            "longer than {MAX_MODEL_VERSION_LEN} bytes"
+        )));
     }
     if m.chars().any(char::is_control) {
         return Err(invalid("must not contain control characters"));
@@ -213,7 +230,8 @@ struct Wire<'a> {
 
 impl<'a> Wire<'a> {
     fn into_observation(self, received: SystemTime) -> Result<Observation, SnapshotError> {
-        self.into_ref(received).map(ObservationRef::into_observation)
+        self.into_ref(received)
+            .map(ObservationRef::into_observation)
     }
 
     fn into_ref(self, received: SystemTime) -> Result<ObservationRef<'a>, SnapshotError> {
@@ -225,7 +243,10 @@ impl<'a> Wire<'a> {
         if self.metrics.len() > MAX_METRICS {
             return Err(SnapshotError::Invalid {
                 field: "metrics".into(),
-                reason: format!("{} entries, at most {MAX_METRICS} are accepted", self.metrics.len()),
+                reason: format!(
+                    "{} entries, at most {MAX_METRICS} are accepted",
+                    self.metrics.len()
+                ),
             });
         }
         for (name, &value) in &self.metrics {
@@ -358,7 +379,9 @@ impl<'de> Deserialize<'de> for MetricSnapshot {
                 "`metrics` cannot be stored in a MetricSnapshot; parse an Observation instead",
             ));
         }
-        wire.into_observation(SystemTime::now()).map(|o| o.snapshot).map_err(de::Error::custom)
+        wire.into_observation(SystemTime::now())
+            .map(|o| o.snapshot)
+            .map_err(de::Error::custom)
     }
 }
 
@@ -389,7 +412,9 @@ mod tests {
 
     #[test]
     fn accepts_rfc3339_and_epoch_ms_timestamps() {
-        let a = parse(r#"{"model_version":"m","score":0.9,"timestamp":"2026-01-02T03:04:05.678Z"}"#).unwrap();
+        let a =
+            parse(r#"{"model_version":"m","score":0.9,"timestamp":"2026-01-02T03:04:05.678Z"}"#)
+                .unwrap();
         let b = parse(r#"{"model_version":"m","score":0.9,"timestamp":1767323045678}"#).unwrap();
         assert_eq!(a.snapshot.timestamp, b.snapshot.timestamp);
         assert_eq!(a.snapshot.timestamp_ms(), 1_767_323_045_678);
@@ -404,22 +429,40 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_refused_by_name() {
-        let e = parse(r#"{"model_version":"m","scroe":0.9}"#).unwrap_err().to_string();
+        let e = parse(r#"{"model_version":"m","scroe":0.9}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown field `scroe`"), "{e}");
     }
 
     #[test]
     fn non_finite_and_out_of_range_values_are_refused() {
-        let e = parse(r#"{"model_version":"m","score":1e999}"#).unwrap_err().to_string();
+        let e = parse(r#"{"model_version":"m","score":1e999}"#)
+            .unwrap_err()
+            .to_string();
         assert!(!e.is_empty());
-        let e = parse(r#"{"model_version":"m","score":1,"timestamp":-5}"#).unwrap_err().to_string();
+        let e = parse(r#"{"model_version":"m","score":1,"timestamp":-5}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("outside"), "{e}");
-        let e = parse(r#"{"model_version":"m","score":1,"timestamp":1.5}"#).unwrap_err().to_string();
+        let e = parse(r#"{"model_version":"m","score":1,"timestamp":1.5}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not an integer"), "{e}");
-        let e = parse(r#"{"model_version":"","score":1}"#).unwrap_err().to_string();
+        let e = parse(r#"{"model_version":"","score":1}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("model_version"), "{e}");
-        let snap = MetricSnapshot { model_version: "m".into(), score: f64::NAN, loss: None, timestamp: UNIX_EPOCH };
-        assert!(matches!(snap.validate(), Err(SnapshotError::NotFinite { .. })));
+        let snap = MetricSnapshot {
+            model_version: "m".into(),
+            score: f64::NAN,
+            loss: None,
+            timestamp: UNIX_EPOCH,
+        };
+        assert!(matches!(
+            snap.validate(),
+            Err(SnapshotError::NotFinite { .. })
+        ));
     }
 
     #[test]
@@ -432,7 +475,8 @@ mod tests {
             r#"{"model_version":"m","score":0.5,"loss":0.1,"timestamp":"1970-01-01T00:00:01.000Z","metrics":{"psi":0.2}}"#
         );
         assert_eq!(parse(&json).unwrap(), o);
-        let snap: MetricSnapshot = serde_json::from_str(&serde_json::to_string(&o.snapshot).unwrap()).unwrap();
+        let snap: MetricSnapshot =
+            serde_json::from_str(&serde_json::to_string(&o.snapshot).unwrap()).unwrap();
         assert_eq!(snap, o.snapshot);
     }
 }

@@ -8,8 +8,8 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::error::MonitoringError;
 use crate::runtime::{
-    Limits, LoadError, PointBatch, StrategyComponent, StrategyInfo, StrategyInstance, StrategySource, Verdict,
-    VerdictKind,
+    Limits, LoadError, PointBatch, StrategyComponent, StrategyInfo, StrategyInstance,
+    StrategySource, Verdict, VerdictKind,
 };
 use crate::snapshot::MetricSnapshot;
 
@@ -51,7 +51,10 @@ pub struct BaselineStrategy {
 impl BaselineStrategy {
     /// Compares every snapshot to `baseline` with `tolerance`.
     pub fn new(baseline: MetricSnapshot, tolerance: f64) -> Self {
-        Self { baseline, tolerance }
+        Self {
+            baseline,
+            tolerance,
+        }
     }
 }
 
@@ -65,7 +68,9 @@ impl RetrainStrategy for BaselineStrategy {
         loop {
             match rx.recv().await {
                 Ok(snapshot) if snapshot.is_degraded(&self.baseline, self.tolerance) => {
-                    let signal = RetrainSignal { degraded_snapshot: snapshot };
+                    let signal = RetrainSignal {
+                        degraded_snapshot: snapshot,
+                    };
                     if tx_trigger.send(signal).await.is_err() {
                         // Downstream has dropped; nothing more to do.
                         return Ok(());
@@ -74,7 +79,11 @@ impl RetrainStrategy for BaselineStrategy {
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     // Counted by the publisher (`PublisherStats::dropped`).
-                    tracing::warn!(lagged = n, strategy = "baseline", "lagged behind the metric stream");
+                    tracing::warn!(
+                        lagged = n,
+                        strategy = "baseline",
+                        "lagged behind the metric stream"
+                    );
                 }
                 Err(broadcast::error::RecvError::Closed) => return Ok(()),
             }
@@ -112,7 +121,9 @@ pub struct WasmStrategy {
 
 impl std::fmt::Debug for WasmStrategy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WasmStrategy").field("info", &self.info).finish_non_exhaustive()
+        f.debug_struct("WasmStrategy")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
     }
 }
 
@@ -122,7 +133,11 @@ impl WasmStrategy {
     /// # Errors
     ///
     /// [`LoadError`] if instantiation or configuration fails.
-    pub fn new(component: StrategyComponent, config: &str, limits: Limits) -> Result<Self, LoadError> {
+    pub fn new(
+        component: StrategyComponent,
+        config: &str,
+        limits: Limits,
+    ) -> Result<Self, LoadError> {
         let instance = component.instantiate(config, limits.clone())?;
         let info = instance.info().clone();
         let (verdicts, _) = broadcast::channel(1024);
@@ -188,7 +203,10 @@ impl WasmStrategy {
     /// Evaluates `snapshots` (any models, in order) and returns the
     /// verdicts. On a failure the instance is replaced by a fresh one (its
     /// detectors start over) and the error is returned.
-    async fn evaluate(&self, snapshots: Arc<Vec<MetricSnapshot>>) -> Result<Vec<(usize, Verdict)>, MonitoringError> {
+    async fn evaluate(
+        &self,
+        snapshots: Arc<Vec<MetricSnapshot>>,
+    ) -> Result<Vec<(usize, Verdict)>, MonitoringError> {
         let instance = self.instance.clone();
         let snaps = snapshots.clone();
         let result = tokio::task::spawn_blocking(move || {
@@ -198,9 +216,14 @@ impl WasmStrategy {
         .await?;
         if let Err(e) = &result {
             tracing::error!(strategy = %self.info.name, "{e}; starting a fresh instance");
-            match self.component.instantiate(&self.config, self.limits.clone()) {
+            match self
+                .component
+                .instantiate(&self.config, self.limits.clone())
+            {
                 Ok(fresh) => *self.instance.lock() = fresh,
-                Err(e) => tracing::error!(strategy = %self.info.name, "cannot restart the strategy: {e}"),
+                Err(e) => {
+                    tracing::error!(strategy = %self.info.name, "cannot restart the strategy: {e}")
+                }
             }
         }
         result.map_err(MonitoringError::from)
@@ -277,9 +300,18 @@ impl RetrainStrategy for WasmStrategy {
             let verdicts = self.evaluate(batch.clone()).await.unwrap_or_default();
             for (i, v) in verdicts {
                 let snapshot = batch[i].clone();
-                let _ = self.verdicts.send(VerdictEvent { snapshot: snapshot.clone(), kind: v.kind, reason: v.reason });
+                let _ = self.verdicts.send(VerdictEvent {
+                    snapshot: snapshot.clone(),
+                    kind: v.kind,
+                    reason: v.reason,
+                });
                 if v.kind == VerdictKind::Retrain
-                    && tx_trigger.send(RetrainSignal { degraded_snapshot: snapshot }).await.is_err()
+                    && tx_trigger
+                        .send(RetrainSignal {
+                            degraded_snapshot: snapshot,
+                        })
+                        .await
+                        .is_err()
                 {
                     return Ok(());
                 }

@@ -85,7 +85,10 @@ where
 {
     /// A supervisor running `strategy` on `publisher`'s stream, and the
     /// receiver of its retrain signals.
-    pub fn new(publisher: Arc<MetricPublisher>, strategy: S) -> (Self, mpsc::Receiver<RetrainSignal>) {
+    pub fn new(
+        publisher: Arc<MetricPublisher>,
+        strategy: S,
+    ) -> (Self, mpsc::Receiver<RetrainSignal>) {
         let (tx_trigger, rx_trigger) = mpsc::channel(SIGNAL_CHANNEL_BUFFER);
         (
             Self {
@@ -151,7 +154,12 @@ where
                     }
                 })
             };
-            let forward_task = tokio::spawn(forward(inner_rx, self.tx_trigger, self.cooldown, self.stats.clone()));
+            let forward_task = tokio::spawn(forward(
+                inner_rx,
+                self.tx_trigger,
+                self.cooldown,
+                self.stats.clone(),
+            ));
             let watchdog_task = tokio::spawn(watchdog(
                 watchdog_rx,
                 self.watchdog_interval,
@@ -242,7 +250,12 @@ mod tests {
     use std::time::SystemTime;
 
     fn snap(model: &str, score: f64) -> MetricSnapshot {
-        MetricSnapshot { model_version: model.into(), score, loss: None, timestamp: SystemTime::now() }
+        MetricSnapshot {
+            model_version: model.into(),
+            score,
+            loss: None,
+            timestamp: SystemTime::now(),
+        }
     }
 
     #[tokio::test]
@@ -266,26 +279,45 @@ mod tests {
     #[tokio::test]
     async fn dropping_the_publisher_or_shutting_down_ends_the_supervisor() {
         let publisher = Arc::new(MetricPublisher::new(8));
-        let (sup, _rx) = MonitoringSupervisor::new(publisher.clone(), BaselineStrategy::new(snap("a", 0.9), 0.05));
+        let (sup, _rx) = MonitoringSupervisor::new(
+            publisher.clone(),
+            BaselineStrategy::new(snap("a", 0.9), 0.05),
+        );
         let handle = sup.spawn();
         drop(publisher);
-        tokio::time::timeout(Duration::from_secs(2), handle).await.unwrap().unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(2), handle)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
 
         let publisher = Arc::new(MetricPublisher::new(8));
-        let (sup, _rx) = MonitoringSupervisor::new(publisher.clone(), BaselineStrategy::new(snap("a", 0.9), 0.05));
+        let (sup, _rx) = MonitoringSupervisor::new(
+            publisher.clone(),
+            BaselineStrategy::new(snap("a", 0.9), 0.05),
+        );
         let stop = sup.shutdown_handle();
         let handle = sup.spawn();
         stop.shutdown();
-        tokio::time::timeout(Duration::from_secs(2), handle).await.unwrap().unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(2), handle)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
     }
 
     #[tokio::test(start_paused = true)]
     async fn watchdog_reports_a_stall_once_with_monotonic_time() {
         let publisher = Arc::new(MetricPublisher::new(8));
-        let (sup, _rx) = MonitoringSupervisor::new(publisher.clone(), BaselineStrategy::new(snap("a", 0.9), 0.05));
+        let (sup, _rx) = MonitoringSupervisor::new(
+            publisher.clone(),
+            BaselineStrategy::new(snap("a", 0.9), 0.05),
+        );
         let stats = sup.stats();
         let stop = sup.shutdown_handle();
-        let handle = sup.with_watchdog(Duration::from_secs(1), Duration::from_secs(3)).spawn();
+        let handle = sup
+            .with_watchdog(Duration::from_secs(1), Duration::from_secs(3))
+            .spawn();
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert_eq!(stats.stalls.load(Ordering::Relaxed), 1);
         publisher.publish(snap("a", 0.9)).unwrap();

@@ -23,8 +23,10 @@ mod tests {
             timestamp: SystemTime::now(),
         };
 
-        let (supervisor, mut rx_trigger) =
-            MonitoringSupervisor::new(publisher.clone(), BaselineStrategy::new(baseline.clone(), 0.05));
+        let (supervisor, mut rx_trigger) = MonitoringSupervisor::new(
+            publisher.clone(),
+            BaselineStrategy::new(baseline.clone(), 0.05),
+        );
 
         let _handle = supervisor.spawn();
 

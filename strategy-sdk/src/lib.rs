@@ -113,7 +113,13 @@ enum Metrics<'a> {
 impl<'a> Point<'a> {
     /// A point without named metrics (for tests and native use).
     pub fn new(index: usize, score: f64, loss: Option<f64>, timestamp_ms: i64) -> Self {
-        Point { index, score, loss, timestamp_ms, metrics: Metrics::None }
+        Point {
+            index,
+            score,
+            loss,
+            timestamp_ms,
+            metrics: Metrics::None,
+        }
     }
 
     /// The watched value of this point, if it has one (finite).
@@ -141,7 +147,10 @@ impl<'a> Point<'a> {
 
 #[inline(never)]
 fn metric_at(cols: &[(String, Vec<f64>)], index: usize, name: &str) -> Option<f64> {
-    cols.iter().find(|(n, _)| n == name).and_then(|(_, v)| v.get(index).copied()).filter(|v| !v.is_nan())
+    cols.iter()
+        .find(|(n, _)| n == name)
+        .and_then(|(_, v)| v.get(index).copied())
+        .filter(|v| !v.is_nan())
 }
 
 /// What a detector says about one point.
@@ -211,7 +220,11 @@ pub trait Detector: Serialize + DeserializeOwned + 'static {
 ///
 /// A message naming the problem and, for JSON errors, its line and column.
 pub fn parse_config<D: Detector>(config: &str) -> Result<D::Config, String> {
-    let text = if config.trim().is_empty() { "{}" } else { config };
+    let text = if config.trim().is_empty() {
+        "{}"
+    } else {
+        config
+    };
     let parsed: D::Config = serde_json::from_str(text)
         .map_err(|e| format!("invalid config for strategy `{}`: {e}", D::NAME))?;
     D::validate(&parsed).map_err(|e| format!("invalid config for strategy `{}`: {e}", D::NAME))?;
@@ -235,9 +248,12 @@ pub fn save_state<D: Detector>(detector: &D) -> Vec<u8> {
 ///
 /// A message saying why the bytes are not a state of this strategy.
 pub fn restore_state<D: Detector>(state: &[u8]) -> Result<D, String> {
-    let body = state
-        .strip_prefix(STATE_MAGIC.as_slice())
-        .ok_or_else(|| format!("saved state does not fit strategy `{}`: not a VisuTility state (bad header)", D::NAME))?;
+    let body = state.strip_prefix(STATE_MAGIC.as_slice()).ok_or_else(|| {
+        format!(
+            "saved state does not fit strategy `{}`: not a VisuTility state (bad header)",
+            D::NAME
+        )
+    })?;
     postcard::from_bytes(body).map_err(|e| {
         format!(
             "saved state does not fit strategy `{}`: saved by another strategy or an incompatible version ({e})",
@@ -269,7 +285,9 @@ impl TryFrom<String> for Watch {
             "loss" => Ok(Watch::Loss),
             other => match other.strip_prefix("metrics.") {
                 Some(name) if !name.is_empty() => Ok(Watch::Metric(name.to_string())),
-                _ => Err(format!("`watch` must be \"score\", \"loss\" or \"metrics.<name>\", got {other:?}")),
+                _ => Err(format!(
+                    "`watch` must be \"score\", \"loss\" or \"metrics.<name>\", got {other:?}"
+                )),
             },
         }
     }
@@ -332,13 +350,25 @@ pub fn evaluate_columns<D: Detector>(
     mut emit: impl FnMut(usize, bool, String),
 ) {
     let has_loss = losses.len() == scores.len();
-    let metrics = if metrics.is_empty() { Metrics::None } else { Metrics::Columns(metrics) };
+    let metrics = if metrics.is_empty() {
+        Metrics::None
+    } else {
+        Metrics::Columns(metrics)
+    };
     for (index, &score) in scores.iter().enumerate() {
         if !score.is_finite() {
-            emit(index, false, format!("non-finite score {score} refused; detector not updated"));
+            emit(
+                index,
+                false,
+                format!("non-finite score {score} refused; detector not updated"),
+            );
             continue;
         }
-        let loss = if has_loss { Some(losses[index]).filter(|l| !l.is_nan()) } else { None };
+        let loss = if has_loss {
+            Some(losses[index]).filter(|l| !l.is_nan())
+        } else {
+            None
+        };
         let point = Point {
             index,
             score,
@@ -391,7 +421,11 @@ pub mod stats {
         /// The sample standard deviation (n - 1), 0 with fewer than 2 values.
         #[inline]
         pub fn std(&self) -> f64 {
-            if self.n < 2 { 0.0 } else { (self.m2 / (self.n - 1) as f64).sqrt() }
+            if self.n < 2 {
+                0.0
+            } else {
+                (self.m2 / (self.n - 1) as f64).sqrt()
+            }
         }
     }
 
@@ -400,7 +434,11 @@ pub mod stats {
     /// # Errors
     ///
     /// A message naming the field.
-    pub fn check_reference(target: Option<f64>, sigma: Option<f64>, warmup: u32) -> Result<(), String> {
+    pub fn check_reference(
+        target: Option<f64>,
+        sigma: Option<f64>,
+        warmup: u32,
+    ) -> Result<(), String> {
         if target.is_some_and(|t| !t.is_finite()) {
             return Err("`target` must be a finite number".into());
         }
@@ -428,7 +466,13 @@ pub mod stats {
         /// `target`/`sigma` fixed when given; the missing ones are learnt from
         /// the first `warmup` values; `sigma` is never below `min_sigma`.
         pub fn new(target: Option<f64>, sigma: Option<f64>, warmup: u32, min_sigma: f64) -> Self {
-            Reference { target, sigma, warmup, min_sigma, seen: Welford::default() }
+            Reference {
+                target,
+                sigma,
+                warmup,
+                min_sigma,
+                seen: Welford::default(),
+            }
         }
 
         /// Feeds a value; returns `Some((mean, sigma))` once both are known
@@ -441,7 +485,8 @@ pub mod stats {
             self.seen.push(x);
             if self.seen.count() >= u64::from(self.warmup) {
                 self.target.get_or_insert(self.seen.mean());
-                self.sigma.get_or_insert(self.seen.std().max(self.min_sigma));
+                self.sigma
+                    .get_or_insert(self.seen.std().max(self.min_sigma));
             }
             None
         }
@@ -579,13 +624,18 @@ pub mod __private {
             // `configure` validated the config; `{}` failing here means the
             // strategy requires configuration the host did not give.
             let cfg = config::<D>().unwrap_or_else(|e| panic!("{e}"));
-            Stream { inner: RefCell::new(D::new(&cfg, &model)) }
+            Stream {
+                inner: RefCell::new(D::new(&cfg, &model)),
+            }
         }
 
         fn evaluate(&self, points: Batch) -> Vec<WitVerdict> {
             let mut detector = self.inner.borrow_mut();
-            let metrics: Vec<(String, Vec<f64>)> =
-                points.metrics.into_iter().map(|c| (c.name, c.values)).collect();
+            let metrics: Vec<(String, Vec<f64>)> = points
+                .metrics
+                .into_iter()
+                .map(|c| (c.name, c.values))
+                .collect();
             let mut out = Vec::new();
             crate::evaluate_columns(
                 &mut *detector,
@@ -596,7 +646,11 @@ pub mod __private {
                 |index, retrain, reason| {
                     out.push(WitVerdict {
                         index: index as u32,
-                        severity: if retrain { Severity::Retrain } else { Severity::Warn },
+                        severity: if retrain {
+                            Severity::Retrain
+                        } else {
+                            Severity::Warn
+                        },
                         reason,
                     })
                 },
@@ -610,7 +664,9 @@ pub mod __private {
 
         fn restore(_model: String, state: Vec<u8>) -> Result<exp::Detector, String> {
             let d: D = crate::restore_state(&state)?;
-            Ok(exp::Detector::new(Stream { inner: RefCell::new(d) }))
+            Ok(exp::Detector::new(Stream {
+                inner: RefCell::new(d),
+            }))
         }
     }
 }

@@ -35,24 +35,44 @@ fn stream(env: &Env, n: usize, seed: u64) -> (std::path::PathBuf, Vec<Point>) {
         if i % 97 == 0 {
             text.push('\n'); // blank lines are skipped
         }
-        points.push(Point { model, score, ts_ms });
+        points.push(Point {
+            model,
+            score,
+            ts_ms,
+        });
     }
     (env.write("stream.ndjson", text), points)
 }
 
 fn signals(stdout: &str) -> Vec<Value> {
-    stdout.lines().map(|l| serde_json::from_str(l).expect("each output line is JSON")).collect()
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each output line is JSON"))
+        .collect()
 }
 
 fn check_against_rule(out: &[Value], points: &[Point], expected: impl Fn(usize) -> bool) {
     let want: Vec<usize> = (0..points.len()).filter(|&i| expected(i)).collect();
-    let got: Vec<usize> = out.iter().map(|s| s["index"].as_u64().unwrap() as usize).collect();
+    let got: Vec<usize> = out
+        .iter()
+        .map(|s| s["index"].as_u64().unwrap() as usize)
+        .collect();
     assert_eq!(got, want, "fired indices differ from the rule");
     assert!(!want.is_empty(), "the stream must exercise the rule");
     for s in out {
         let obj = s.as_object().unwrap();
         let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
-        assert_eq!(keys, ["index", "kind", "model_version", "reason", "score", "timestamp"]);
+        assert_eq!(
+            keys,
+            [
+                "index",
+                "kind",
+                "model_version",
+                "reason",
+                "score",
+                "timestamp"
+            ]
+        );
         let p = &points[s["index"].as_u64().unwrap() as usize];
         assert_eq!(s["model_version"], p.model);
         assert_eq!(s["kind"], "retrain");
@@ -76,21 +96,40 @@ fn replay_of_fixed_baseline_matches_the_seed_rule_point_by_point() {
         input.to_str().unwrap(),
     ]);
     run.ok();
-    check_against_rule(&signals(&run.stdout), &points, |i| points[i].score + 0.05 < 0.9);
-    assert!(run.stderr.contains("replayed 5000 snapshots of 3 model(s)"), "{}", run.stderr);
+    check_against_rule(&signals(&run.stdout), &points, |i| {
+        points[i].score + 0.05 < 0.9
+    });
+    assert!(
+        run.stderr.contains("replayed 5000 snapshots of 3 model(s)"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
 fn replay_with_model_filter_and_output_file() {
     let env = Env::new();
     let (input, points) = stream(&env, 2000, 11);
-    env.write("cfg.json", r#"{"baseline": 0.95, "tolerance": 0.1, "model_version": "fraud-v2"}"#);
+    env.write(
+        "cfg.json",
+        r#"{"baseline": 0.95, "tolerance": 0.1, "model_version": "fraud-v2"}"#,
+    );
     env.run(&[
-        "replay", "-s", "builtin:baseline", "-c", "@cfg.json", "-i", input.to_str().unwrap(), "-o", "out.ndjson",
+        "replay",
+        "-s",
+        "builtin:baseline",
+        "-c",
+        "@cfg.json",
+        "-i",
+        input.to_str().unwrap(),
+        "-o",
+        "out.ndjson",
     ])
     .ok();
     let out = std::fs::read_to_string(env.path("out.ndjson")).unwrap();
-    check_against_rule(&signals(&out), &points, |i| points[i].model == "fraud-v2" && points[i].score + 0.1 < 0.95);
+    check_against_rule(&signals(&out), &points, |i| {
+        points[i].model == "fraud-v2" && points[i].score + 0.1 < 0.95
+    });
 }
 
 #[test]
@@ -98,7 +137,13 @@ fn replay_with_warmup_learns_each_models_baseline() {
     let env = Env::new();
     let (input, points) = stream(&env, 3000, 3);
     let run = env.run(&[
-        "replay", "-s", "builtin:baseline", "-c", r#"{"warmup": 10, "tolerance": 0.02}"#, "-i", input.to_str().unwrap(),
+        "replay",
+        "-s",
+        "builtin:baseline",
+        "-c",
+        r#"{"warmup": 10, "tolerance": 0.02}"#,
+        "-i",
+        input.to_str().unwrap(),
     ]);
     run.ok();
     // The rule, computed here the same way: the mean of each model's first 10
@@ -124,17 +169,31 @@ fn replay_with_warmup_learns_each_models_baseline() {
 #[test]
 fn replay_from_stdin_works() {
     let env = Env::new();
-    let input = "{\"model_version\":\"m\",\"score\":0.5}\n{\"model_version\":\"m\",\"score\":0.99}\n";
+    let input =
+        "{\"model_version\":\"m\",\"score\":0.5}\n{\"model_version\":\"m\",\"score\":0.99}\n";
     let mut child = env
         .cmd()
-        .args(["replay", "-s", "builtin:baseline", "-c", r#"{"baseline":0.9}"#, "-i", "-"])
+        .args([
+            "replay",
+            "-s",
+            "builtin:baseline",
+            "-c",
+            r#"{"baseline":0.9}"#,
+            "-i",
+            "-",
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let lines = signals(&String::from_utf8(out.stdout).unwrap());
@@ -147,20 +206,48 @@ fn malformed_lines_stop_the_replay_with_the_line_number() {
     let env = Env::new();
     let good = r#"{"model_version":"m","score":0.1}"#;
     let cases = [
-        (r#"{"model_version":"m","scroe":0.5}"#, "unknown field `scroe`"),
-        (r#"{"model_version":"m","score":NaN}"#, "expected value at column 30"),
+        (
+            r#"{"model_version":"m","scroe":0.5}"#,
+            "unknown field `scroe`",
+        ),
+        (
+            r#"{"model_version":"m","score":NaN}"#,
+            "expected value at column 30",
+        ),
         (r#"{"model_version":"m","score":"0.5"}"#, "invalid type"),
-        (r#"{"model_version":"m","score":0.5,"timestamp":"yesterday"}"#, "not RFC 3339"),
-        (r#"{"model_version":"m","score":0.5,"metrics":{"psi":"x"}}"#, "invalid type"),
+        (
+            r#"{"model_version":"m","score":0.5,"timestamp":"yesterday"}"#,
+            "not RFC 3339",
+        ),
+        (
+            r#"{"model_version":"m","score":0.5,"metrics":{"psi":"x"}}"#,
+            "invalid type",
+        ),
         (r#"{"score":0.5}"#, "missing field `model_version`"),
         (r#"not json"#, "expected"),
     ];
     for (bad, needle) in cases {
         let input = env.write("bad.ndjson", format!("{good}\n{good}\n{bad}\n{good}\n"));
-        let run = env.run(&["replay", "-s", "builtin:baseline", "-c", r#"{"baseline":0.9}"#, "-i", input.to_str().unwrap()]);
+        let run = env.run(&[
+            "replay",
+            "-s",
+            "builtin:baseline",
+            "-c",
+            r#"{"baseline":0.9}"#,
+            "-i",
+            input.to_str().unwrap(),
+        ]);
         run.fails_with(2, needle);
-        assert!(run.stderr.contains("bad.ndjson:3:"), "line number missing: {}", run.stderr);
-        assert!(run.stdout.is_empty(), "nothing may be printed as if it succeeded: {}", run.stdout);
+        assert!(
+            run.stderr.contains("bad.ndjson:3:"),
+            "line number missing: {}",
+            run.stderr
+        );
+        assert!(
+            run.stdout.is_empty(),
+            "nothing may be printed as if it succeeded: {}",
+            run.stdout
+        );
     }
 }
 
@@ -171,17 +258,47 @@ fn bad_strategy_files_say_what_is_wrong() {
     let baseline = visutility_host::runtime::builtin::get("baseline").unwrap();
     let next = guest("wit-next");
     let cases: Vec<(String, &str)> = vec![
-        (env.write("random.wasm", b"\x13\x37not wasm at all").display().to_string(), "not a WebAssembly binary"),
-        (env.write("core.wasm", b"\0asm\x01\0\0\0").display().to_string(), "is a core WebAssembly module, not a component"),
-        (env.write("truncated.wasm", &baseline[..baseline.len() / 2]).display().to_string(), "is not a valid component"),
-        (env.write("empty-component.wasm", b"\0asm\x0d\0\x01\0").display().to_string(), "targets another world"),
+        (
+            env.write("random.wasm", b"\x13\x37not wasm at all")
+                .display()
+                .to_string(),
+            "not a WebAssembly binary",
+        ),
+        (
+            env.write("core.wasm", b"\0asm\x01\0\0\0")
+                .display()
+                .to_string(),
+            "is a core WebAssembly module, not a component",
+        ),
+        (
+            env.write("truncated.wasm", &baseline[..baseline.len() / 2])
+                .display()
+                .to_string(),
+            "is not a valid component",
+        ),
+        (
+            env.write("empty-component.wasm", b"\0asm\x0d\0\x01\0")
+                .display()
+                .to_string(),
+            "targets another world",
+        ),
         (guest("wrong-world").to_string(), "targets another world"),
-        (next.to_string(), "built against `visutility:strategy@0.2.0` but this host speaks `visutility:strategy@0.1.0`"),
-        (env.path("missing.wasm").display().to_string(), "cannot read strategy"),
-        ("builtin:nope".to_string(), "unknown strategy `builtin:nope`; bundled strategies: adwin, baseline, bocpd, cusum, ewma, page-hinkley"),
+        (
+            next.to_string(),
+            "built against `visutility:strategy@0.2.0` but this host speaks `visutility:strategy@0.1.0`",
+        ),
+        (
+            env.path("missing.wasm").display().to_string(),
+            "cannot read strategy",
+        ),
+        (
+            "builtin:nope".to_string(),
+            "unknown strategy `builtin:nope`; bundled strategies: adwin, baseline, bocpd, cusum, ewma, page-hinkley",
+        ),
     ];
     for (strategy, needle) in cases {
-        env.run(&["replay", "-s", &strategy, "-i", input.to_str().unwrap()]).fails_with(2, needle);
+        env.run(&["replay", "-s", &strategy, "-i", input.to_str().unwrap()])
+            .fails_with(2, needle);
         env.run(&["inspect", &strategy]).fails_with(2, needle);
     }
 }
@@ -190,10 +307,20 @@ fn bad_strategy_files_say_what_is_wrong() {
 fn bad_configs_are_refused_naming_the_field() {
     let env = Env::new();
     let input = env.write("in.ndjson", "{\"model_version\":\"m\",\"score\":0.5}\n");
-    let run = env.run(&["replay", "-s", "builtin:baseline", "-c", r#"{"baseline":0.9,"tolerence":1}"#, "-i", input.to_str().unwrap()]);
+    let run = env.run(&[
+        "replay",
+        "-s",
+        "builtin:baseline",
+        "-c",
+        r#"{"baseline":0.9,"tolerence":1}"#,
+        "-i",
+        input.to_str().unwrap(),
+    ]);
     run.fails_with(2, "unknown field `tolerence`");
-    env.run(&["validate", "builtin:baseline", "-c", "{}"]).fails_with(2, "set `baseline`");
-    env.run(&["validate", "builtin:baseline", "-c", r#"{"warmup": 5}"#]).ok();
+    env.run(&["validate", "builtin:baseline", "-c", "{}"])
+        .fails_with(2, "set `baseline`");
+    env.run(&["validate", "builtin:baseline", "-c", r#"{"warmup": 5}"#])
+        .ok();
 }
 
 #[test]
@@ -201,16 +328,38 @@ fn inspect_describes_the_bundled_baseline() {
     let env = Env::new();
     let run = env.run(&["inspect", "builtin:baseline"]);
     run.ok();
-    for needle in ["name:         baseline", "visutility:strategy@0.1.0", "wasi:cli/", "\"warmup\"", "sha256:"] {
-        assert!(run.stdout.contains(needle), "inspect lacks {needle:?}:\n{}", run.stdout);
+    for needle in [
+        "name:         baseline",
+        "visutility:strategy@0.1.0",
+        "wasi:cli/",
+        "\"warmup\"",
+        "sha256:",
+    ] {
+        assert!(
+            run.stdout.contains(needle),
+            "inspect lacks {needle:?}:\n{}",
+            run.stdout
+        );
     }
-    let json: Value = serde_json::from_str(&env.run(&["inspect", "builtin:baseline", "--json"]).ok().stdout).unwrap();
+    let json: Value = serde_json::from_str(
+        &env.run(&["inspect", "builtin:baseline", "--json"])
+            .ok()
+            .stdout,
+    )
+    .unwrap();
     assert_eq!(json["name"], "baseline");
     assert_eq!(json["wit_version"], "0.1.0");
-    assert_eq!(json["size"].as_u64().unwrap() as usize, visutility_host::runtime::builtin::get("baseline").unwrap().len());
+    assert_eq!(
+        json["size"].as_u64().unwrap() as usize,
+        visutility_host::runtime::builtin::get("baseline")
+            .unwrap()
+            .len()
+    );
     assert!(json["imports"].as_array().unwrap().iter().all(|i| {
         let i = i.as_str().unwrap();
-        i.starts_with("wasi:io/") || i.starts_with("wasi:cli/") || i.starts_with("visutility:strategy/")
+        i.starts_with("wasi:io/")
+            || i.starts_with("wasi:cli/")
+            || i.starts_with("visutility:strategy/")
     }));
     assert_eq!(json["config_schema"]["additionalProperties"], false);
 }
@@ -221,9 +370,17 @@ fn inspect_and_replay_a_freshly_built_strategy() {
     let path = guest("threshold");
     let run = env.run(&["inspect", path]);
     run.ok();
-    assert!(run.stdout.contains("name:         threshold"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("name:         threshold"),
+        "{}",
+        run.stdout
+    );
     assert!(run.stdout.contains("version:      0.3.1"), "{}", run.stdout);
-    assert!(run.stdout.contains("visutility:strategy/host@0.1.0"), "it logs, so it imports the host: {}", run.stdout);
+    assert!(
+        run.stdout.contains("visutility:strategy/host@0.1.0"),
+        "it logs, so it imports the host: {}",
+        run.stdout
+    );
 
     // Named metrics reach the strategy; points without the metric are healthy.
     let input = env.write(
@@ -237,36 +394,85 @@ fn inspect_and_replay_a_freshly_built_strategy() {
         .join("\n"),
     );
     let run = env.run(&[
-        "replay", "-s", path, "-c", r#"{"watch":"psi","warn_above":0.1,"retrain_above":0.2}"#, "-i", input.to_str().unwrap(),
+        "replay",
+        "-s",
+        path,
+        "-c",
+        r#"{"watch":"psi","warn_above":0.1,"retrain_above":0.2}"#,
+        "-i",
+        input.to_str().unwrap(),
     ]);
     run.ok();
     let out = signals(&run.stdout);
-    let got: Vec<(u64, &str)> = out.iter().map(|s| (s["index"].as_u64().unwrap(), s["kind"].as_str().unwrap())).collect();
+    let got: Vec<(u64, &str)> = out
+        .iter()
+        .map(|s| (s["index"].as_u64().unwrap(), s["kind"].as_str().unwrap()))
+        .collect();
     assert_eq!(got, vec![(1, "warn"), (3, "retrain")]);
-    assert!(out[1]["reason"].as_str().unwrap().contains("psi 0.25 > 0.2"));
+    assert!(
+        out[1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("psi 0.25 > 0.2")
+    );
 }
 
 #[test]
 fn runaway_strategies_end_with_an_error_naming_the_strategy_and_cause() {
     let env = Env::new();
-    let input = env.write("in.ndjson", "{\"model_version\":\"m\",\"score\":0.5}\n".repeat(3));
+    let input = env.write(
+        "in.ndjson",
+        "{\"model_version\":\"m\",\"score\":0.5}\n".repeat(3),
+    );
     let hostile = guest("hostile");
     let cases = [
-        (r#"{"mode":"loop"}"#, vec!["--fuel", "50000000"], "out of fuel"),
-        (r#"{"mode":"loop"}"#, vec!["--fuel", "100000000000000", "--deadline", "300ms"], "deadline of 300ms exceeded"),
-        (r#"{"mode":"panic","at":1}"#, vec![], "trap: wasm `unreachable` instruction executed; the guest panicked at tests/guests/hostile/src/lib.rs"),
+        (
+            r#"{"mode":"loop"}"#,
+            vec!["--fuel", "50000000"],
+            "out of fuel",
+        ),
+        (
+            r#"{"mode":"loop"}"#,
+            vec!["--fuel", "100000000000000", "--deadline", "300ms"],
+            "deadline of 300ms exceeded",
+        ),
+        (
+            r#"{"mode":"panic","at":1}"#,
+            vec![],
+            "trap: wasm `unreachable` instruction executed; the guest panicked at tests/guests/hostile/src/lib.rs",
+        ),
         (r#"{"mode":"grow"}"#, vec![], "memory cap exceeded"),
         (r#"{"mode":"recurse"}"#, vec![], "stack overflow"),
     ];
     for (config, extra, needle) in cases {
         let started = Instant::now();
-        let mut args = vec!["replay", "-s", hostile, "-c", config, "-i", input.to_str().unwrap()];
+        let mut args = vec![
+            "replay",
+            "-s",
+            hostile,
+            "-c",
+            config,
+            "-i",
+            input.to_str().unwrap(),
+        ];
         args.extend(extra);
         let run = env.run(&args);
         run.fails_with(1, needle);
-        assert!(run.stderr.contains("strategy `") && run.stderr.contains("hostile"), "{}", run.stderr);
-        assert!(run.stderr.contains("failed in `evaluate`"), "{}", run.stderr);
-        assert!(started.elapsed() < Duration::from_secs(30), "{config} took {:?}", started.elapsed());
+        assert!(
+            run.stderr.contains("strategy `") && run.stderr.contains("hostile"),
+            "{}",
+            run.stderr
+        );
+        assert!(
+            run.stderr.contains("failed in `evaluate`"),
+            "{}",
+            run.stderr
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{config} took {:?}",
+            started.elapsed()
+        );
     }
 }
 
@@ -287,14 +493,30 @@ fn demo_shows_snapshots_and_a_retrain_signal_quickly() {
     let took = started.elapsed();
     run.ok();
     assert!(took < Duration::from_secs(10), "demo took {took:?}");
-    let snapshot_lines: Vec<&str> = run.stdout.lines().filter(|l| l.contains("] Model=churn-model-v3 Score=")).collect();
+    let snapshot_lines: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter(|l| l.contains("] Model=churn-model-v3 Score="))
+        .collect();
     assert_eq!(snapshot_lines.len(), 60, "{}", run.stdout);
     // `[2026-12-03T18:40:00.000Z] Model=...`: RFC 3339 time.
     let ts = &snapshot_lines[0][1..snapshot_lines[0].find(']').unwrap()];
     assert!(humantime::parse_rfc3339(ts).is_ok(), "not RFC 3339: {ts}");
-    assert!(run.stdout.contains(">>> RETRAIN SIGNAL #1"), "{}", run.stdout);
-    assert!(!run.stdout.contains("RETRAIN SIGNAL #2"), "the cooldown must prevent a storm:\n{}", run.stdout);
-    assert!(run.stdout.contains("suppressed by the cooldown"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains(">>> RETRAIN SIGNAL #1"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        !run.stdout.contains("RETRAIN SIGNAL #2"),
+        "the cooldown must prevent a storm:\n{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("suppressed by the cooldown"),
+        "{}",
+        run.stdout
+    );
 }
 
 #[test]
@@ -303,7 +525,11 @@ fn every_subcommand_has_help() {
     for sub in ["demo", "replay", "inspect", "validate", "strategies"] {
         let run = env.run(&[sub, "--help"]);
         run.ok();
-        assert!(run.stdout.contains("Usage: visutility"), "{sub}: {}", run.stdout);
+        assert!(
+            run.stdout.contains("Usage: visutility"),
+            "{sub}: {}",
+            run.stdout
+        );
     }
 }
 
@@ -312,16 +538,37 @@ fn long_replays_keep_indices_across_parse_chunks_and_locate_late_errors() {
     let env = Env::new();
     // 40,000 lines: several parallel parsing work items.
     let (input, points) = stream(&env, 40_000, 21);
-    let run = env.run(&["replay", "-s", "builtin:baseline", "-c", r#"{"baseline": 0.8, "tolerance": 0.05}"#, "-i", input.to_str().unwrap()]);
+    let run = env.run(&[
+        "replay",
+        "-s",
+        "builtin:baseline",
+        "-c",
+        r#"{"baseline": 0.8, "tolerance": 0.05}"#,
+        "-i",
+        input.to_str().unwrap(),
+    ]);
     run.ok();
-    check_against_rule(&signals(&run.stdout), &points, |i| points[i].score + 0.05 < 0.8);
+    check_against_rule(&signals(&run.stdout), &points, |i| {
+        points[i].score + 0.05 < 0.8
+    });
 
     let mut text = std::fs::read_to_string(&input).unwrap();
     // Blank lines were added every 97 points: find the 35,000th line and break it.
     let offset = text.match_indices('\n').nth(34_998).unwrap().0 + 1;
     text.insert_str(offset, "{\"model_version\":\"m\",\"score\":\"high\"}\n");
     let bad = env.write("late-error.ndjson", text);
-    let run = env.run(&["replay", "-s", "builtin:baseline", "-c", r#"{"baseline": 0.8}"#, "-i", bad.to_str().unwrap()]);
+    let run = env.run(&[
+        "replay",
+        "-s",
+        "builtin:baseline",
+        "-c",
+        r#"{"baseline": 0.8}"#,
+        "-i",
+        bad.to_str().unwrap(),
+    ]);
     run.fails_with(2, "late-error.ndjson:35000: invalid type");
-    assert!(run.stdout.is_empty(), "no output before the whole input is valid");
+    assert!(
+        run.stdout.is_empty(),
+        "no output before the whole input is valid"
+    );
 }

@@ -11,7 +11,8 @@ use crate::util::Env;
 #[test]
 fn page_hinkley_and_adwin_detect_exactly_where_river_does() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/river");
-    let expected: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     assert_eq!(expected["river_version"], "0.26.0");
     let cases = expected["cases"].as_array().unwrap();
     assert!(cases.len() >= 40);
@@ -35,14 +36,30 @@ fn page_hinkley_and_adwin_detect_exactly_where_river_does() {
         let got: Vec<u64> = run
             .stdout
             .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap()["index"].as_u64().unwrap())
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["index"]
+                    .as_u64()
+                    .unwrap()
+            })
             .collect();
-        let want: Vec<u64> = case["indices"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        let want: Vec<u64> = case["indices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
         fired += usize::from(!want.is_empty());
         if got != want {
-            mismatches.push(format!("{} {detector} {config}: river {want:?}, ours {got:?}", case["stream"]));
+            mismatches.push(format!(
+                "{} {detector} {config}: river {want:?}, ours {got:?}",
+                case["stream"]
+            ));
         }
     }
-    assert!(mismatches.is_empty(), "detections differ from River:\n{}", mismatches.join("\n"));
+    assert!(
+        mismatches.is_empty(),
+        "detections differ from River:\n{}",
+        mismatches.join("\n")
+    );
     assert!(fired >= 25, "the fixtures must exercise detections");
 }

@@ -18,15 +18,24 @@ pub(crate) struct Server {
 
 impl Server {
     pub(crate) fn start(env: &Env, config: &str, extra_env: &[(&str, &str)]) -> Server {
-        env.write("visutility.toml", format!("listen = \"127.0.0.1:0\"\ndb = \"signals.db\"\ncheckpoint_every = \"1h\"\n{config}"));
+        env.write(
+            "visutility.toml",
+            format!(
+                "listen = \"127.0.0.1:0\"\ndb = \"signals.db\"\ncheckpoint_every = \"1h\"\n{config}"
+            ),
+        );
         let mut cmd = env.cmd();
-        cmd.args(["run", "--config", "visutility.toml"]).stdout(Stdio::piped()).stderr(Stdio::null());
+        cmd.args(["run", "--config", "visutility.toml"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("start visutility run");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         let addr = line
             .split("http://")
             .nth(1)
@@ -37,7 +46,13 @@ impl Server {
         Server { child, addr }
     }
 
-    pub(crate) fn request(&self, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+    pub(crate) fn request(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> (u16, String) {
         http(self.addr, method, path, content_type, body)
     }
 
@@ -48,11 +63,19 @@ impl Server {
     }
 
     pub(crate) fn post_ndjson(&self, lines: &[String]) -> (u16, String) {
-        self.request("POST", "/v1/snapshots", "application/x-ndjson", lines.join("\n").as_bytes())
+        self.request(
+            "POST",
+            "/v1/snapshots",
+            "application/x-ndjson",
+            lines.join("\n").as_bytes(),
+        )
     }
 
     fn signals(&self) -> Vec<Value> {
-        self.get_json("/v1/signals")["signals"].as_array().unwrap().clone()
+        self.get_json("/v1/signals")["signals"]
+            .as_array()
+            .unwrap()
+            .clone()
     }
 
     /// Sends `signal` (e.g. `HUP`) to the service.
@@ -82,20 +105,42 @@ impl Drop for Server {
 }
 
 fn unsafe_kill(pid: u32, signal: &str) {
-    let ok = std::process::Command::new("kill").args([format!("-{signal}"), pid.to_string()]).status().unwrap();
+    let ok = std::process::Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .unwrap();
     assert!(ok.success());
 }
 
-fn http(addr: SocketAddr, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
-    let headers: &[(&str, &str)] = if content_type.is_empty() { &[] } else { &[("Content-Type", content_type)] };
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> (u16, String) {
+    let headers: &[(&str, &str)] = if content_type.is_empty() {
+        &[]
+    } else {
+        &[("Content-Type", content_type)]
+    };
     http_with(addr, method, path, headers, body)
 }
 
 /// One request with extra `headers`; the status and the body.
-pub(crate) fn http_with(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+pub(crate) fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -106,7 +151,10 @@ pub(crate) fn http_with(addr: SocketAddr, method: &str, path: &str, headers: &[(
     s.read_to_end(&mut resp).unwrap();
     let text = String::from_utf8_lossy(&resp).into_owned();
     let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -144,11 +192,16 @@ fn webhook_receiver() -> (SocketAddr, mpsc::Receiver<(String, Vec<u8>)>) {
             }
             let len: usize = head
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
                 .unwrap_or(0);
             let mut body = vec![0; len];
             reader.read_exact(&mut body).unwrap();
-            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
             let _ = tx.send((head, body));
         }
     });
@@ -187,29 +240,44 @@ secret_env = "TEST_WEBHOOK_SECRET"
         ),
         &[("TEST_WEBHOOK_SECRET", "s3cret")],
     );
-    let (status, body) = server.post_ndjson(&[snap("fraud-v2", 0.95), snap("churn-v1", 0.1), snap("fraud-v2", 0.70)]);
+    let (status, body) = server.post_ndjson(&[
+        snap("fraud-v2", 0.95),
+        snap("churn-v1", 0.1),
+        snap("fraud-v2", 0.70),
+    ]);
     assert_eq!(status, 202, "{body}");
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["accepted"], 3);
 
-    let (head, body) = received.recv_timeout(Duration::from_secs(20)).expect("webhook call");
+    let (head, body) = received
+        .recv_timeout(Duration::from_secs(20))
+        .expect("webhook call");
     let signature = head
         .lines()
-        .find_map(|l| l.strip_prefix("x-visutility-signature: ").or_else(|| l.strip_prefix("X-Visutility-Signature: ")))
+        .find_map(|l| {
+            l.strip_prefix("x-visutility-signature: ")
+                .or_else(|| l.strip_prefix("X-Visutility-Signature: "))
+        })
         .expect("signature header")
         .trim()
         .to_string();
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"s3cret").unwrap();
     mac.update(&body);
-    assert_eq!(signature, format!("sha256={}", hex::encode(mac.finalize().into_bytes())));
+    assert_eq!(
+        signature,
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    );
     let posted: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(posted["model_version"], "fraud-v2");
     assert_eq!(posted["kind"], "retrain");
     assert_eq!(posted["strategy"], "baseline");
     assert_eq!(posted["snapshot"]["score"], 0.7);
 
-    let env_txt = wait_for("exec action", Duration::from_secs(20), || std::fs::read_to_string(env.path("env.txt")).ok());
+    let env_txt = wait_for("exec action", Duration::from_secs(20), || {
+        std::fs::read_to_string(env.path("env.txt")).ok()
+    });
     assert_eq!(env_txt.trim(), "fraud-v2 retrain quality fraud-v2");
-    let stdin: Value = serde_json::from_str(&std::fs::read_to_string(env.path("signal.json")).unwrap()).unwrap();
+    let stdin: Value =
+        serde_json::from_str(&std::fs::read_to_string(env.path("signal.json")).unwrap()).unwrap();
     assert_eq!(stdin["reason"], posted["reason"]);
 
     let delivered = wait_for("deliveries recorded", Duration::from_secs(10), || {
@@ -226,26 +294,64 @@ secret_env = "TEST_WEBHOOK_SECRET"
 #[test]
 fn bad_batches_are_refused_whole_and_nothing_else_is_lost() {
     let env = Env::new();
-    let server = Server::start(&env, "[[monitor]]\nname = \"m\"\nstrategy = \"builtin:baseline\"\nconfig = { baseline = 0.9 }\n", &[]);
-    let (status, body) = server.post_ndjson(&[snap("a", 0.5), r#"{"model_version":"a","score":NaN}"#.into(), snap("a", 0.5), r#"{"model_version":"a","scroe":1}"#.into()]);
+    let server = Server::start(
+        &env,
+        "[[monitor]]\nname = \"m\"\nstrategy = \"builtin:baseline\"\nconfig = { baseline = 0.9 }\n",
+        &[],
+    );
+    let (status, body) = server.post_ndjson(&[
+        snap("a", 0.5),
+        r#"{"model_version":"a","score":NaN}"#.into(),
+        snap("a", 0.5),
+        r#"{"model_version":"a","scroe":1}"#.into(),
+    ]);
     assert_eq!(status, 400, "{body}");
     let err: Value = serde_json::from_str(&body).unwrap();
-    let lines: Vec<u64> = err["errors"].as_array().unwrap().iter().map(|e| e["line"].as_u64().unwrap()).collect();
+    let lines: Vec<u64> = err["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["line"].as_u64().unwrap())
+        .collect();
     assert_eq!(lines, [2, 4]);
-    assert!(err["errors"][1]["reason"].as_str().unwrap().contains("scroe"));
+    assert!(
+        err["errors"][1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("scroe")
+    );
 
-    let (status, body) = server.request("POST", "/v1/snapshots", "application/json", br#"[{"model_version":"a","score":0.95},{"model_version":"a","score":1e999}]"#);
+    let (status, body) = server.request(
+        "POST",
+        "/v1/snapshots",
+        "application/json",
+        br#"[{"model_version":"a","score":0.95},{"model_version":"a","score":1e999}]"#,
+    );
     assert_eq!(status, 400, "{body}");
     assert!(body.contains(r#""index":1"#), "{body}");
 
-    let (status, _) = server.request("POST", "/v1/snapshots", "application/json", br#"{"model_version":"a","score":0.95}"#);
+    let (status, _) = server.request(
+        "POST",
+        "/v1/snapshots",
+        "application/json",
+        br#"{"model_version":"a","score":0.95}"#,
+    );
     assert_eq!(status, 202);
-    let (status, _) = server.request("POST", "/v1/snapshots", "application/json", br#"[{"model_version":"a","score":0.5},{"model_version":"b","score":0.91}]"#);
+    let (status, _) = server.request(
+        "POST",
+        "/v1/snapshots",
+        "application/json",
+        br#"[{"model_version":"a","score":0.5},{"model_version":"b","score":0.91}]"#,
+    );
     assert_eq!(status, 202);
-    wait_for("evaluation", Duration::from_secs(10), || (metric(&server, "visutility_points_evaluated_total{monitor=\"m\"}") == 3.0).then_some(()));
+    wait_for("evaluation", Duration::from_secs(10), || {
+        (metric(&server, "visutility_points_evaluated_total{monitor=\"m\"}") == 3.0).then_some(())
+    });
     assert_eq!(metric(&server, "visutility_snapshots_accepted_total"), 3.0);
     assert_eq!(metric(&server, "visutility_snapshots_refused_total"), 6.0);
-    let signals = wait_for("signal", Duration::from_secs(10), || Some(server.signals()).filter(|s| !s.is_empty()));
+    let signals = wait_for("signal", Duration::from_secs(10), || {
+        Some(server.signals()).filter(|s| !s.is_empty())
+    });
     assert_eq!(signals.len(), 1);
     assert_eq!(signals[0]["score"], 0.5);
 }
@@ -258,14 +364,41 @@ fn cooldown_suppresses_repeats_and_counts_them() {
         "[[monitor]]\nname = \"m\"\nstrategy = \"builtin:baseline\"\nconfig = { baseline = 0.9 }\ncooldown = \"1h\"\n",
         &[],
     );
-    assert_eq!(server.post_ndjson(&[snap("a", 0.5), snap("a", 0.4), snap("b", 0.3), snap("a", 0.2)]).0, 202);
-    wait_for("evaluation", Duration::from_secs(10), || (metric(&server, "visutility_points_evaluated_total{monitor=\"m\"}") == 4.0).then_some(()));
+    assert_eq!(
+        server
+            .post_ndjson(&[
+                snap("a", 0.5),
+                snap("a", 0.4),
+                snap("b", 0.3),
+                snap("a", 0.2)
+            ])
+            .0,
+        202
+    );
+    wait_for("evaluation", Duration::from_secs(10), || {
+        (metric(&server, "visutility_points_evaluated_total{monitor=\"m\"}") == 4.0).then_some(())
+    });
     let signals = server.signals();
-    let mut models: Vec<&str> = signals.iter().map(|s| s["model_version"].as_str().unwrap()).collect();
+    let mut models: Vec<&str> = signals
+        .iter()
+        .map(|s| s["model_version"].as_str().unwrap())
+        .collect();
     models.sort();
     assert_eq!(models, ["a", "b"]);
-    assert_eq!(metric(&server, "visutility_signals_suppressed_total{monitor=\"m\"}"), 2.0);
-    assert_eq!(metric(&server, "visutility_verdicts_total{monitor=\"m\",kind=\"retrain\"}"), 4.0);
+    assert_eq!(
+        metric(
+            &server,
+            "visutility_signals_suppressed_total{monitor=\"m\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "visutility_verdicts_total{monitor=\"m\",kind=\"retrain\"}"
+        ),
+        4.0
+    );
 }
 
 #[test]
@@ -280,14 +413,37 @@ fn a_silent_model_yields_one_stale_signal_per_stall() {
     let stale = wait_for("stale signal", Duration::from_secs(10), || {
         Some(server.signals()).filter(|s| s.iter().any(|s| s["kind"] == "stale"))
     });
-    assert!(stale[0]["reason"].as_str().unwrap().contains("no snapshot of `quiet-model`"), "{stale:?}");
+    assert!(
+        stale[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no snapshot of `quiet-model`"),
+        "{stale:?}"
+    );
     std::thread::sleep(Duration::from_millis(1000));
-    assert_eq!(server.signals().iter().filter(|s| s["kind"] == "stale").count(), 1, "once per stall");
-    assert_eq!(metric(&server, "visutility_stale_models{monitor=\"m\"}"), 1.0);
+    assert_eq!(
+        server
+            .signals()
+            .iter()
+            .filter(|s| s["kind"] == "stale")
+            .count(),
+        1,
+        "once per stall"
+    );
+    assert_eq!(
+        metric(&server, "visutility_stale_models{monitor=\"m\"}"),
+        1.0
+    );
     // It speaks again, then stalls again: a second stale signal.
     assert_eq!(server.post_ndjson(&[snap("quiet-model", 0.9)]).0, 202);
     wait_for("second stall", Duration::from_secs(10), || {
-        (server.signals().iter().filter(|s| s["kind"] == "stale").count() == 2).then_some(())
+        (server
+            .signals()
+            .iter()
+            .filter(|s| s["kind"] == "stale")
+            .count()
+            == 2)
+            .then_some(())
     });
 }
 
@@ -307,12 +463,16 @@ argv = ["sh", "-c", "if [ ! -f started ]; then touch started; exec sleep 30; fi;
 "#;
     let server = Server::start(&env, config, &[]);
     assert_eq!(server.post_ndjson(&[snap("a", 0.5)]).0, 202);
-    wait_for("first attempt", Duration::from_secs(20), || env.path("started").exists().then_some(()));
+    wait_for("first attempt", Duration::from_secs(20), || {
+        env.path("started").exists().then_some(())
+    });
     server.kill9();
     assert!(!env.path("delivered.txt").exists());
 
     let server = Server::start(&env, config, &[]);
-    let text = wait_for("redelivery", Duration::from_secs(20), || std::fs::read_to_string(env.path("delivered.txt")).ok());
+    let text = wait_for("redelivery", Duration::from_secs(20), || {
+        std::fs::read_to_string(env.path("delivered.txt")).ok()
+    });
     assert_eq!(text, "1\n");
     wait_for("delivered state", Duration::from_secs(10), || {
         (server.signals()[0]["deliveries"][0]["state"] == "delivered").then_some(())
@@ -322,18 +482,33 @@ argv = ["sh", "-c", "if [ ! -f started ]; then touch started; exec sleep 30; fi;
     // Acknowledged deliveries are never repeated.
     let server = Server::start(&env, config, &[]);
     std::thread::sleep(Duration::from_millis(800));
-    assert_eq!(std::fs::read_to_string(env.path("delivered.txt")).unwrap(), "1\n");
+    assert_eq!(
+        std::fs::read_to_string(env.path("delivered.txt")).unwrap(),
+        "1\n"
+    );
     drop(server);
 }
 
 #[test]
 fn detector_state_survives_a_restart() {
     let env = Env::new();
-    let config = "[[monitor]]\nname = \"m\"\nstrategy = \"builtin:baseline\"\nconfig = { warmup = 10 }\n";
+    let config =
+        "[[monitor]]\nname = \"m\"\nstrategy = \"builtin:baseline\"\nconfig = { warmup = 10 }\n";
     let server = Server::start(&env, config, &[]);
-    assert_eq!(server.post_ndjson(&(0..6).map(|_| snap("a", 0.9)).collect::<Vec<_>>()).0, 202);
-    wait_for("evaluation", Duration::from_secs(10), || (metric(&server, "visutility_points_evaluated_total{monitor=\"m\"}") == 6.0).then_some(()));
-    assert_eq!(server.terminate(), Some(0), "SIGTERM exits 0 after checkpointing");
+    assert_eq!(
+        server
+            .post_ndjson(&(0..6).map(|_| snap("a", 0.9)).collect::<Vec<_>>())
+            .0,
+        202
+    );
+    wait_for("evaluation", Duration::from_secs(10), || {
+        (metric(&server, "visutility_points_evaluated_total{monitor=\"m\"}") == 6.0).then_some(())
+    });
+    assert_eq!(
+        server.terminate(),
+        Some(0),
+        "SIGTERM exits 0 after checkpointing"
+    );
 
     // Mid-warm-up: 4 more points complete it, so 0.5 is judged against 0.9.
     // A detector that had lost its state would still be warming up.
@@ -341,16 +516,39 @@ fn detector_state_survives_a_restart() {
     let mut batch: Vec<String> = (0..4).map(|_| snap("a", 0.9)).collect();
     batch.push(snap("a", 0.5));
     assert_eq!(server.post_ndjson(&batch).0, 202);
-    let signals = wait_for("signal", Duration::from_secs(10), || Some(server.signals()).filter(|s| !s.is_empty()));
-    assert!(signals[0]["reason"].as_str().unwrap().contains("below baseline 0.9000"), "{signals:?}");
+    let signals = wait_for("signal", Duration::from_secs(10), || {
+        Some(server.signals()).filter(|s| !s.is_empty())
+    });
+    assert!(
+        signals[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("below baseline 0.9000"),
+        "{signals:?}"
+    );
 }
 
 #[test]
 fn metrics_scrape_follows_the_prometheus_text_format() {
     let env = Env::new();
-    let server = Server::start(&env, "[[monitor]]\nname = \"m\"\nstrategy = \"builtin:adwin\"\n", &[]);
-    assert_eq!(server.post_ndjson(&(0..100).map(|i| snap("a", 0.5 + f64::from(i % 7) / 100.0)).collect::<Vec<_>>()).0, 202);
-    wait_for("evaluation", Duration::from_secs(10), || (metric(&server, "visutility_points_evaluated_total{monitor=\"m\"}") == 100.0).then_some(()));
+    let server = Server::start(
+        &env,
+        "[[monitor]]\nname = \"m\"\nstrategy = \"builtin:adwin\"\n",
+        &[],
+    );
+    assert_eq!(
+        server
+            .post_ndjson(
+                &(0..100)
+                    .map(|i| snap("a", 0.5 + f64::from(i % 7) / 100.0))
+                    .collect::<Vec<_>>()
+            )
+            .0,
+        202
+    );
+    wait_for("evaluation", Duration::from_secs(10), || {
+        (metric(&server, "visutility_points_evaluated_total{monitor=\"m\"}") == 100.0).then_some(())
+    });
     let (status, text) = server.request("GET", "/metrics", "", b"");
     assert_eq!(status, 200);
     let mut typed = std::collections::HashMap::new();
@@ -365,26 +563,51 @@ fn metrics_scrape_follows_the_prometheus_text_format() {
         if line.starts_with("# HELP ") || line.is_empty() {
             continue;
         }
-        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample {line:?}"));
-        assert!(value.parse::<f64>().is_ok() || value == "+Inf", "bad value in {line:?}");
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad sample {line:?}"));
+        assert!(
+            value.parse::<f64>().is_ok() || value == "+Inf",
+            "bad value in {line:?}"
+        );
         let name = series.split('{').next().unwrap();
-        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "bad name {name:?}");
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad name {name:?}"
+        );
         if let Some(labels) = series.strip_prefix(name)
             && !labels.is_empty()
         {
-            assert!(labels.starts_with('{') && labels.ends_with('}'), "bad labels {line:?}");
+            assert!(
+                labels.starts_with('{') && labels.ends_with('}'),
+                "bad labels {line:?}"
+            );
             for pair in labels[1..labels.len() - 1].split(',') {
                 let (k, v) = pair.split_once('=').unwrap();
-                assert!(!k.is_empty() && v.starts_with('"') && v.ends_with('"'), "bad label {pair:?}");
+                assert!(
+                    !k.is_empty() && v.starts_with('"') && v.ends_with('"'),
+                    "bad label {pair:?}"
+                );
             }
         }
-        let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).filter(|b| typed.get(*b).is_some_and(|k| k == "histogram")).unwrap_or(name);
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .filter(|b| typed.get(*b).is_some_and(|k| k == "histogram"))
+            .unwrap_or(name);
         assert!(typed.contains_key(base), "sample before its TYPE: {line:?}");
         samples += 1;
     }
     assert!(samples > 20);
-    let count = metric(&server, "visutility_strategy_call_seconds_count{monitor=\"m\"}");
-    let inf = metric(&server, "visutility_strategy_call_seconds_bucket{monitor=\"m\",le=\"+Inf\"}");
+    let count = metric(
+        &server,
+        "visutility_strategy_call_seconds_count{monitor=\"m\"}",
+    );
+    let inf = metric(
+        &server,
+        "visutility_strategy_call_seconds_bucket{monitor=\"m\",le=\"+Inf\"}",
+    );
     assert!(count >= 1.0 && count == inf);
     assert!(metric(&server, "visutility_strategy_fuel_total{monitor=\"m\"}") > 0.0);
     let (status, _) = server.request("GET", "/healthz", "", b"");
@@ -403,15 +626,29 @@ fn run_check_validates_the_config_and_its_strategies() {
     env.write("good.toml", "canonicalize_nans = true\n[[monitor]]\nname = \"m\"\nstrategy = \"builtin:cusum\"\nconfig = { k = 0.5 }\n");
     let run = env.run(&["run", "--config", "good.toml", "--check"]);
     run.ok();
-    assert!(run.stdout.contains("configuration ok: 1 monitor(s)"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("configuration ok: 1 monitor(s)"),
+        "{}",
+        run.stdout
+    );
     env.write("bad-nans.toml", "canonicalize_nans = \"yes\"\n");
-    env.run(&["run", "--config", "bad-nans.toml", "--check"]).fails_with(2, "canonicalize_nans");
-    env.write("bad-key.toml", "[[monitor]]\nname = \"m\"\nstrategy = \"builtin:cusum\"\ncooldown = \"later\"\n");
-    env.run(&["run", "--config", "bad-key.toml", "--check"]).fails_with(2, "config `bad-key.toml`");
-    env.write("bad-strategy-config.toml", "[[monitor]]\nname = \"m\"\nstrategy = \"builtin:cusum\"\nconfig = { k = -1 }\n");
-    env.run(&["run", "--config", "bad-strategy-config.toml", "--check"]).fails_with(2, "monitor `m`");
+    env.run(&["run", "--config", "bad-nans.toml", "--check"])
+        .fails_with(2, "canonicalize_nans");
+    env.write(
+        "bad-key.toml",
+        "[[monitor]]\nname = \"m\"\nstrategy = \"builtin:cusum\"\ncooldown = \"later\"\n",
+    );
+    env.run(&["run", "--config", "bad-key.toml", "--check"])
+        .fails_with(2, "config `bad-key.toml`");
+    env.write(
+        "bad-strategy-config.toml",
+        "[[monitor]]\nname = \"m\"\nstrategy = \"builtin:cusum\"\nconfig = { k = -1 }\n",
+    );
+    env.run(&["run", "--config", "bad-strategy-config.toml", "--check"])
+        .fails_with(2, "monitor `m`");
     env.write("secret.toml", "[[monitor]]\nname = \"m\"\nstrategy = \"builtin:cusum\"\n[[monitor.action]]\nkind = \"webhook\"\nurl = \"http://x\"\nsecret = \"p\"\n");
-    env.run(&["run", "--config", "secret.toml", "--check"]).fails_with(2, "secret_env");
+    env.run(&["run", "--config", "secret.toml", "--check"])
+        .fails_with(2, "secret_env");
 }
 
 #[test]
@@ -425,8 +662,15 @@ fn failed_deliveries_are_retried_with_backoff_and_recorded() {
             let Ok(mut conn) = conn else { continue };
             let mut buf = [0u8; 65536];
             let _ = conn.read(&mut buf);
-            let status = if n == 0 { "500 Internal Server Error" } else { "204 No Content" };
-            let _ = conn.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes());
+            let status = if n == 0 {
+                "500 Internal Server Error"
+            } else {
+                "204 No Content"
+            };
+            let _ = conn.write_all(
+                format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            );
             let _ = tx.send(Instant::now());
         }
     });
@@ -455,16 +699,31 @@ max_attempts = 2
     let first = calls.recv_timeout(Duration::from_secs(20)).unwrap();
     let second = calls.recv_timeout(Duration::from_secs(20)).unwrap();
     let gap = second - first;
-    assert!(gap >= Duration::from_millis(300), "retried after {gap:?}: no back-off");
+    assert!(
+        gap >= Duration::from_millis(300),
+        "retried after {gap:?}: no back-off"
+    );
     let deliveries = wait_for("final states", Duration::from_secs(20), || {
-        let d = server.signals()[0]["deliveries"].as_array().unwrap().clone();
+        let d = server.signals()[0]["deliveries"]
+            .as_array()
+            .unwrap()
+            .clone();
         (d[0]["state"] == "delivered" && d[1]["state"] == "failed").then_some(d)
     });
     assert_eq!(deliveries[0]["attempts"], 2);
     assert!(deliveries[0]["last_error"].is_null());
     assert_eq!(deliveries[1]["attempts"], 2);
-    assert!(deliveries[1]["last_error"].as_str().unwrap().contains("timed out"), "{deliveries:?}");
-    assert_eq!(metric(&server, "visutility_deliveries{state=\"failed\"}"), 1.0);
+    assert!(
+        deliveries[1]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("timed out"),
+        "{deliveries:?}"
+    );
+    assert_eq!(
+        metric(&server, "visutility_deliveries{state=\"failed\"}"),
+        1.0
+    );
 }
 
 /// A config with a healthy `good` monitor (fixed baseline 0.9) and a monitor
@@ -495,7 +754,10 @@ argv = ["sh", "-c", "cat > quarantine.json"]"#,
         &[("VISUTILITY_ADMIN_TOKEN", "tok")],
     );
     for _ in 0..3 {
-        assert_eq!(server.post_ndjson(&[snap("a", 0.95), snap("a", 0.96)]).0, 202);
+        assert_eq!(
+            server.post_ndjson(&[snap("a", 0.95), snap("a", 0.96)]).0,
+            202
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let status = wait_for("quarantine", Duration::from_secs(20), || {
@@ -503,8 +765,16 @@ argv = ["sh", "-c", "cat > quarantine.json"]"#,
     });
     assert_eq!(status["traps"], 3);
     let last_error = status["last_error"].as_str().unwrap();
-    assert!(last_error.contains("monitor `bad`") && last_error.contains("hostile") && last_error.contains("trap"), "{last_error}");
-    assert_eq!(metric(&server, "visutility_monitor_quarantined{monitor=\"bad\"}"), 1.0);
+    assert!(
+        last_error.contains("monitor `bad`")
+            && last_error.contains("hostile")
+            && last_error.contains("trap"),
+        "{last_error}"
+    );
+    assert_eq!(
+        metric(&server, "visutility_monitor_quarantined{monitor=\"bad\"}"),
+        1.0
+    );
 
     // The batch that caused each failure is kept for debugging.
     let failures = server.get_json("/v1/failures?monitor=bad");
@@ -514,27 +784,45 @@ argv = ["sh", "-c", "cat > quarantine.json"]"#,
     assert_eq!(failures[0]["batch"].as_str().unwrap().lines().count(), 2);
 
     // Quarantine is a signal through the outbox and its actions.
-    let notice: Value = serde_json::from_str(&wait_for("quarantine action", Duration::from_secs(20), || {
-        std::fs::read_to_string(env.path("quarantine.json")).ok().filter(|s| !s.is_empty())
-    }))
+    let notice: Value = serde_json::from_str(&wait_for(
+        "quarantine action",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(env.path("quarantine.json"))
+                .ok()
+                .filter(|s| !s.is_empty())
+        },
+    ))
     .unwrap();
     assert_eq!(notice["kind"], "quarantined");
 
     // The other monitor is unaffected; a quarantined one skips (counted).
     assert_eq!(server.post_ndjson(&[snap("a", 0.5)]).0, 202);
     wait_for("good evaluates", Duration::from_secs(10), || {
-        (metric(&server, "visutility_points_evaluated_total{monitor=\"good\"}") == 7.0).then_some(())
+        (metric(
+            &server,
+            "visutility_points_evaluated_total{monitor=\"good\"}",
+        ) == 7.0)
+            .then_some(())
     });
     wait_for("bad skips", Duration::from_secs(10), || {
         (metric(&server, "visutility_points_skipped_total{monitor=\"bad\"}") == 1.0).then_some(())
     });
 
     // Resume needs the admin token.
-    assert_eq!(server.request("POST", "/v1/monitors/bad/resume", "", b"").0, 401);
+    assert_eq!(
+        server.request("POST", "/v1/monitors/bad/resume", "", b"").0,
+        401
+    );
     let (status, body) = http_with_auth(server.addr, "/v1/monitors/bad/resume", "tok");
     assert_eq!(status, 202, "{body}");
-    wait_for("resumed", Duration::from_secs(10), || (server.get_json("/v1/monitors/bad")["status"] == "running").then_some(()));
-    assert_eq!(metric(&server, "visutility_monitor_quarantined{monitor=\"bad\"}"), 0.0);
+    wait_for("resumed", Duration::from_secs(10), || {
+        (server.get_json("/v1/monitors/bad")["status"] == "running").then_some(())
+    });
+    assert_eq!(
+        metric(&server, "visutility_monitor_quarantined{monitor=\"bad\"}"),
+        0.0
+    );
 }
 
 #[test]
@@ -552,21 +840,43 @@ restart_backoff = "20s""#,
         &[],
     );
     for i in 0..5 {
-        assert_eq!(server.post_ndjson(&[snap("a", 0.95), snap("a", 0.96)]).0, 202, "request {i}");
+        assert_eq!(
+            server.post_ndjson(&[snap("a", 0.95), snap("a", 0.96)]).0,
+            202,
+            "request {i}"
+        );
     }
     wait_for("the first failure", Duration::from_secs(20), || {
-        (metric(&server, "visutility_strategy_traps_total{monitor=\"looping\"}") >= 1.0).then_some(())
+        (metric(
+            &server,
+            "visutility_strategy_traps_total{monitor=\"looping\"}",
+        ) >= 1.0)
+            .then_some(())
     });
     wait_for("good evaluates", Duration::from_secs(10), || {
-        (metric(&server, "visutility_points_evaluated_total{monitor=\"good\"}") == 10.0).then_some(())
+        (metric(
+            &server,
+            "visutility_points_evaluated_total{monitor=\"good\"}",
+        ) == 10.0)
+            .then_some(())
     });
     // The looping monitor now waits 20 s before its next try, with batches
     // queued behind it; stopping must not wait for them.
     let started = std::time::Instant::now();
     assert_eq!(server.terminate(), Some(0));
-    assert!(started.elapsed() < Duration::from_secs(10), "shutdown took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
 }
 
 fn http_with_auth(addr: SocketAddr, path: &str, token: &str) -> (u16, String) {
-    http_with(addr, "POST", path, &[("Authorization", &format!("Bearer {token}"))], b"")
+    http_with(
+        addr,
+        "POST",
+        path,
+        &[("Authorization", &format!("Bearer {token}"))],
+        b"",
+    )
 }

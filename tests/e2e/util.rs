@@ -10,7 +10,9 @@ pub struct Env {
 
 impl Env {
     pub fn new() -> Self {
-        Env { dir: tempfile::tempdir().expect("temp dir") }
+        Env {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -26,12 +28,20 @@ impl Env {
     /// `visutility <args>` with a shared compiled-component cache.
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_visutility"));
-        c.env("VISUTILITY_CACHE_DIR", cache_dir()).env_remove("RUST_LOG").current_dir(self.dir.path());
+        c.env("VISUTILITY_CACHE_DIR", cache_dir())
+            .env_remove("RUST_LOG")
+            .current_dir(self.dir.path());
         c
     }
 
     pub fn run(&self, args: &[&str]) -> Run {
-        Run::from(self.cmd().args(args).stdin(Stdio::null()).output().expect("run visutility"))
+        Run::from(
+            self.cmd()
+                .args(args)
+                .stdin(Stdio::null())
+                .output()
+                .expect("run visutility"),
+        )
     }
 }
 
@@ -41,7 +51,8 @@ pub fn cache_dir() -> PathBuf {
 
 /// Path of a test guest built by `host/build.rs`.
 pub fn guest(name: &str) -> &'static str {
-    visutility_host::__test_support::guest_path(name).unwrap_or_else(|| panic!("no test guest `{name}`"))
+    visutility_host::__test_support::guest_path(name)
+        .unwrap_or_else(|| panic!("no test guest `{name}`"))
 }
 
 pub struct Run {
@@ -63,17 +74,40 @@ impl From<Output> for Run {
 impl Run {
     #[track_caller]
     pub fn ok(&self) -> &Self {
-        assert_eq!(self.code, Some(0), "expected success\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code,
+            Some(0),
+            "expected success\nstdout:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
         self
     }
 
     #[track_caller]
     pub fn fails_with(&self, code: i32, needle: &str) -> &Self {
-        assert_eq!(self.code, Some(code), "expected exit {code}\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
-        assert!(self.stderr.contains(needle), "stderr lacks {needle:?}:\n{}", self.stderr);
+        assert_eq!(
+            self.code,
+            Some(code),
+            "expected exit {code}\nstdout:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+        assert!(
+            self.stderr.contains(needle),
+            "stderr lacks {needle:?}:\n{}",
+            self.stderr
+        );
         // A host panic reads `thread 'NAME' (ID) panicked at`; a guest's panic
         // reaches stderr only inside the error message.
-        assert!(!self.stderr.lines().any(|l| l.starts_with("thread '") && l.contains("panicked at")), "the host panicked:\n{}", self.stderr);
+        assert!(
+            !self
+                .stderr
+                .lines()
+                .any(|l| l.starts_with("thread '") && l.contains("panicked at")),
+            "the host panicked:\n{}",
+            self.stderr
+        );
         self
     }
 }
@@ -83,12 +117,17 @@ pub struct Lcg(u64);
 
 impl Lcg {
     pub fn new(seed: u64) -> Self {
-        Lcg(seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407))
+        Lcg(seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407))
     }
 
     /// Uniform in [0, 1).
     pub fn next_f64(&mut self) -> f64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (self.0 >> 11) as f64 / (1u64 << 53) as f64
     }
 }

@@ -83,7 +83,9 @@ pub enum LoadError {
         message: String,
     },
     /// Not a WebAssembly binary at all.
-    #[error("`{label}` is not a WebAssembly binary (no `\\0asm` header); expected a component built for wasm32-wasip2")]
+    #[error(
+        "`{label}` is not a WebAssembly binary (no `\\0asm` header); expected a component built for wasm32-wasip2"
+    )]
     NotWasm {
         /// The strategy's label.
         label: String,
@@ -191,7 +193,9 @@ pub struct StrategyComponent {
 
 impl fmt::Debug for StrategyComponent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StrategyComponent").field("meta", &self.meta).finish_non_exhaustive()
+        f.debug_struct("StrategyComponent")
+            .field("meta", &self.meta)
+            .finish_non_exhaustive()
     }
 }
 
@@ -210,7 +214,10 @@ impl StrategyComponent {
     /// # Errors
     ///
     /// [`LoadError`] saying what is wrong with the component.
-    pub fn load_with(runtime: &'static Runtime, source: &StrategySource) -> Result<Self, LoadError> {
+    pub fn load_with(
+        runtime: &'static Runtime,
+        source: &StrategySource,
+    ) -> Result<Self, LoadError> {
         let label = source.to_string();
         let bytes: std::borrow::Cow<'static, [u8]> = match source {
             StrategySource::Builtin(name) => builtin::get(name)
@@ -220,7 +227,10 @@ impl StrategyComponent {
                 })?
                 .into(),
             StrategySource::File(path) => std::fs::read(path)
-                .map_err(|e| LoadError::Io { path: path.clone(), message: e.to_string() })?
+                .map_err(|e| LoadError::Io {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?
                 .into(),
         };
         Self::from_bytes(runtime, label, &bytes)
@@ -231,7 +241,11 @@ impl StrategyComponent {
     /// # Errors
     ///
     /// [`LoadError`] saying what is wrong with the component.
-    pub fn from_bytes(runtime: &'static Runtime, label: String, bytes: &[u8]) -> Result<Self, LoadError> {
+    pub fn from_bytes(
+        runtime: &'static Runtime,
+        label: String,
+        bytes: &[u8],
+    ) -> Result<Self, LoadError> {
         if !bytes.starts_with(b"\0asm") {
             return Err(LoadError::NotWasm { label });
         }
@@ -249,12 +263,18 @@ impl StrategyComponent {
         let imports: Vec<String> = ty.imports(engine).map(|(n, _)| n.to_string()).collect();
         let wit_version = check_world(&label, &exports, &imports)?;
 
-        let instance_pre = runtime
-            .linker()
-            .instantiate_pre(&component)
-            .map_err(|e| LoadError::Link { label: label.clone(), message: format!("{e:#}") })?;
-        let pre = RetrainStrategyPre::new(instance_pre)
-            .map_err(|e| LoadError::Link { label: label.clone(), message: format!("{e:#}") })?;
+        let instance_pre =
+            runtime
+                .linker()
+                .instantiate_pre(&component)
+                .map_err(|e| LoadError::Link {
+                    label: label.clone(),
+                    message: format!("{e:#}"),
+                })?;
+        let pre = RetrainStrategyPre::new(instance_pre).map_err(|e| LoadError::Link {
+            label: label.clone(),
+            message: format!("{e:#}"),
+        })?;
         Ok(StrategyComponent {
             pre,
             meta: Arc::new(ComponentMeta {
@@ -293,7 +313,9 @@ impl StrategyComponent {
     ///
     /// [`LoadError::Strategy`] if instantiation or `describe` fails.
     pub fn describe(&self) -> Result<super::StrategyInfo, LoadError> {
-        Ok(StrategyInstance::new(self, None, Limits::default())?.info().clone())
+        Ok(StrategyInstance::new(self, None, Limits::default())?
+            .info()
+            .clone())
     }
 }
 
@@ -321,8 +343,10 @@ fn compile_cached(
             Err(e) => tracing::warn!(path = %path.display(), "ignoring unusable cache entry: {e}"),
         }
     }
-    let component = Component::new(engine, bytes)
-        .map_err(|e| LoadError::Invalid { label: label.to_string(), message: format!("{e:#}") })?;
+    let component = Component::new(engine, bytes).map_err(|e| LoadError::Invalid {
+        label: label.to_string(),
+        message: format!("{e:#}"),
+    })?;
     if let Some(path) = &cache_path
         && let Err(e) = write_cache(path, &component)
     {
@@ -334,7 +358,9 @@ fn compile_cached(
 fn write_cache(path: &Path, component: &Component) -> std::io::Result<()> {
     let dir = path.parent().expect("cache path has a parent");
     std::fs::create_dir_all(dir)?;
-    let bytes = component.serialize().map_err(|e| std::io::Error::other(e.to_string()))?;
+    let bytes = component
+        .serialize()
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     // Write then rename, so that a concurrent reader never sees half a file.
     let tmp = dir.join(format!(".{}.{}.tmp", std::process::id(), rand_suffix()));
     std::fs::write(&tmp, bytes)?;
@@ -349,29 +375,51 @@ fn rand_suffix() -> u64 {
 
 /// Checks the exports and imports; returns the WIT version built against.
 fn check_world(label: &str, exports: &[String], imports: &[String]) -> Result<String, LoadError> {
-    let Some(export) = exports.iter().find(|e| e.split('@').next() == Some(EXPORT_INTERFACE)) else {
+    let Some(export) = exports
+        .iter()
+        .find(|e| e.split('@').next() == Some(EXPORT_INTERFACE))
+    else {
         return Err(LoadError::WrongWorld {
             label: label.to_string(),
-            exports: exports.iter().map(|e| format!("`{e}`")).collect::<Vec<_>>().join(", "),
+            exports: exports
+                .iter()
+                .map(|e| format!("`{e}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
         });
     };
-    let found = export.split_once('@').map(|(_, v)| v.to_string()).unwrap_or_else(|| "(unversioned)".into());
+    let found = export
+        .split_once('@')
+        .map(|(_, v)| v.to_string())
+        .unwrap_or_else(|| "(unversioned)".into());
     if !compatible(&found, WIT_VERSION) {
-        return Err(LoadError::IncompatibleWit { label: label.to_string(), found });
+        return Err(LoadError::IncompatibleWit {
+            label: label.to_string(),
+            found,
+        });
     }
     for import in imports {
         if let Some(rest) = import.strip_prefix("visutility:strategy/") {
             let (iface, version) = rest.split_once('@').unwrap_or((rest, "(unversioned)"));
             if !compatible(version, WIT_VERSION) {
-                return Err(LoadError::IncompatibleWit { label: label.to_string(), found: version.to_string() });
+                return Err(LoadError::IncompatibleWit {
+                    label: label.to_string(),
+                    found: version.to_string(),
+                });
             }
             if iface == "host" || iface == "types" {
                 continue;
             }
-        } else if GRANTED_IMPORT_PREFIXES.iter().any(|p| import.starts_with(p)) {
+        } else if GRANTED_IMPORT_PREFIXES
+            .iter()
+            .any(|p| import.starts_with(p))
+        {
             continue;
         }
-        return Err(LoadError::ForbiddenImport { label: label.to_string(), import: import.clone() });
+        return Err(LoadError::ForbiddenImport {
+            label: label.to_string(),
+            import: import.clone(),
+        });
     }
     Ok(found)
 }
@@ -407,14 +455,20 @@ mod tests {
     #[test]
     fn world_check_names_the_problem() {
         let ok = vec![format!("{EXPORT_INTERFACE}@0.1.0")];
-        let imports = vec!["wasi:io/streams@0.2.6".to_string(), "visutility:strategy/host@0.1.0".into()];
+        let imports = vec![
+            "wasi:io/streams@0.2.6".to_string(),
+            "visutility:strategy/host@0.1.0".into(),
+        ];
         assert_eq!(check_world("x", &ok, &imports).unwrap(), "0.1.0");
 
         let e = check_world("x", &["wasi:cli/run@0.2.0".into()], &[]).unwrap_err();
         assert!(matches!(e, LoadError::WrongWorld { .. }), "{e}");
 
         let e = check_world("x", &[format!("{EXPORT_INTERFACE}@0.9.0")], &[]).unwrap_err();
-        assert!(e.to_string().contains("@0.9.0") && e.to_string().contains("@0.1.0"), "{e}");
+        assert!(
+            e.to_string().contains("@0.9.0") && e.to_string().contains("@0.1.0"),
+            "{e}"
+        );
 
         let e = check_world("x", &ok, &["wasi:filesystem/types@0.2.6".into()]).unwrap_err();
         assert!(e.to_string().contains("wasi:filesystem/types@0.2.6"), "{e}");

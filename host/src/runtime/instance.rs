@@ -88,7 +88,12 @@ pub struct PointBatch {
 impl Default for PointBatch {
     fn default() -> Self {
         PointBatch {
-            inner: wit::Batch { scores: Vec::new(), losses: Vec::new(), timestamps: Vec::new(), metrics: Vec::new() },
+            inner: wit::Batch {
+                scores: Vec::new(),
+                losses: Vec::new(),
+                timestamps: Vec::new(),
+                metrics: Vec::new(),
+            },
             any_loss: false,
         }
     }
@@ -192,7 +197,10 @@ impl PointBatch {
                 None => {
                     let mut values = vec![f64::NAN; n];
                     values[n - 1] = value;
-                    self.inner.metrics.push(wit::MetricColumn { name: name.clone(), values });
+                    self.inner.metrics.push(wit::MetricColumn {
+                        name: name.clone(),
+                        values,
+                    });
                 }
             }
         }
@@ -229,7 +237,11 @@ impl std::fmt::Debug for StrategyInstance {
 }
 
 impl StrategyInstance {
-    pub(crate) fn new(component: &StrategyComponent, config: Option<&str>, limits: Limits) -> Result<Self, LoadError> {
+    pub(crate) fn new(
+        component: &StrategyComponent,
+        config: Option<&str>,
+        limits: Limits,
+    ) -> Result<Self, LoadError> {
         let label = component.meta.label.clone();
         let counters = Arc::new(SandboxCounters::default());
         let state = HostState::new(label.clone(), &limits, counters.clone());
@@ -237,12 +249,18 @@ impl StrategyInstance {
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
         let deadline_ticks = component.runtime.ticks_for(limits.deadline);
-        let fault = |call, e| StrategyError { strategy: label.clone(), call, fault: e };
+        let fault = |call, e| StrategyError {
+            strategy: label.clone(),
+            call,
+            fault: e,
+        };
 
         let fuel_metering = component.runtime.fuel_metering();
         // Instantiation runs the guest's start code: give it a budget too.
         if fuel_metering {
-            store.set_fuel(limits.fuel).map_err(|e| fault("instantiate", StrategyFault::Trap(e.to_string())))?;
+            store
+                .set_fuel(limits.fuel)
+                .map_err(|e| fault("instantiate", StrategyFault::Trap(e.to_string())))?;
         }
         store.set_epoch_deadline(deadline_ticks);
         let bindings = component
@@ -268,7 +286,9 @@ impl StrategyInstance {
             last_fuel: 0,
             poisoned: false,
         };
-        let info = instance.call("describe", |store, b| b.visutility_strategy_strategy().call_describe(store))?;
+        let info = instance.call("describe", |store, b| {
+            b.visutility_strategy_strategy().call_describe(store)
+        })?;
         instance.info = StrategyInfo {
             name: info.name,
             version: info.version,
@@ -277,8 +297,14 @@ impl StrategyInstance {
         };
         if let Some(config) = config {
             instance
-                .call("configure", |store, b| b.visutility_strategy_strategy().call_configure(store, config))?
-                .map_err(|message| LoadError::Config { label: instance.label.clone(), message })?;
+                .call("configure", |store, b| {
+                    b.visutility_strategy_strategy()
+                        .call_configure(store, config)
+                })?
+                .map_err(|message| LoadError::Config {
+                    label: instance.label.clone(),
+                    message,
+                })?;
         }
         Ok(instance)
     }
@@ -325,17 +351,26 @@ impl StrategyInstance {
     ///
     /// [`StrategyError`] if the call traps, exceeds a limit, or returns an
     /// index outside the batch. The instance is then poisoned.
-    pub fn evaluate(&mut self, model: &str, batch: &PointBatch) -> Result<Vec<Verdict>, StrategyError> {
+    pub fn evaluate(
+        &mut self,
+        model: &str,
+        batch: &PointBatch,
+    ) -> Result<Vec<Verdict>, StrategyError> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
         let detector = self.detector(model)?;
         if let Some(ts) = batch.newest_timestamp() {
             // The virtual clock only moves forward.
-            self.store.data().clock_ms.fetch_max(ts, std::sync::atomic::Ordering::Relaxed);
+            self.store
+                .data()
+                .clock_ms
+                .fetch_max(ts, std::sync::atomic::Ordering::Relaxed);
         }
         let raw = self.call("evaluate", |store, b| {
-            b.visutility_strategy_strategy().detector().call_evaluate(store, detector, &batch.inner)
+            b.visutility_strategy_strategy()
+                .detector()
+                .call_evaluate(store, detector, &batch.inner)
         })?;
         let n = batch.len();
         let mut out = Vec::with_capacity(raw.len());
@@ -356,7 +391,11 @@ impl StrategyInstance {
                 wit::Severity::Warn => VerdictKind::Warn,
                 wit::Severity::Retrain => VerdictKind::Retrain,
             };
-            out.push(Verdict { index, kind, reason: cap_reason(v.reason) });
+            out.push(Verdict {
+                index,
+                kind,
+                reason: cap_reason(v.reason),
+            });
         }
         Ok(out)
     }
@@ -368,9 +407,14 @@ impl StrategyInstance {
     /// [`StrategyError`] if the call fails or the state is larger than
     /// [`MAX_STATE_BYTES`].
     pub fn save(&mut self, model: &str) -> Result<Option<Vec<u8>>, StrategyError> {
-        let Some(&detector) = self.detectors.get(model) else { return Ok(None) };
-        let state =
-            self.call("save", |store, b| b.visutility_strategy_strategy().detector().call_save(store, detector))?;
+        let Some(&detector) = self.detectors.get(model) else {
+            return Ok(None);
+        };
+        let state = self.call("save", |store, b| {
+            b.visutility_strategy_strategy()
+                .detector()
+                .call_save(store, detector)
+        })?;
         if state.len() > MAX_STATE_BYTES {
             return Err(self.error(
                 "save",
@@ -391,9 +435,15 @@ impl StrategyInstance {
     /// # Errors
     ///
     /// [`StrategyError`] if the call fails.
-    pub fn restore(&mut self, model: &str, state: &[u8]) -> Result<Result<(), String>, StrategyError> {
+    pub fn restore(
+        &mut self,
+        model: &str,
+        state: &[u8],
+    ) -> Result<Result<(), String>, StrategyError> {
         let restored = self.call("restore", |store, b| {
-            b.visutility_strategy_strategy().detector().call_restore(store, model, state)
+            b.visutility_strategy_strategy()
+                .detector()
+                .call_restore(store, model, state)
         })?;
         match restored {
             Ok(handle) => {
@@ -418,14 +468,20 @@ impl StrategyInstance {
             return Ok(d);
         }
         let d = self.call("detector.new", |store, b| {
-            b.visutility_strategy_strategy().detector().call_constructor(store, model)
+            b.visutility_strategy_strategy()
+                .detector()
+                .call_constructor(store, model)
         })?;
         self.detectors.insert(model.to_string(), d);
         Ok(d)
     }
 
     fn error(&self, call: &'static str, fault: StrategyFault) -> StrategyError {
-        StrategyError { strategy: self.label.clone(), call, fault }
+        StrategyError {
+            strategy: self.label.clone(),
+            call,
+            fault,
+        }
     }
 
     fn call<R>(
@@ -452,7 +508,9 @@ impl StrategyInstance {
         result.map_err(|e| {
             self.poisoned = true;
             let fault = match (classify(&e, &self.store, &self.limits), panic) {
-                (StrategyFault::Trap(trap), Some(panic)) => StrategyFault::Trap(format!("{trap}; the guest {panic}")),
+                (StrategyFault::Trap(trap), Some(panic)) => {
+                    StrategyFault::Trap(format!("{trap}; the guest {panic}"))
+                }
                 (fault, _) => fault,
             };
             self.error(name, fault)
@@ -462,17 +520,28 @@ impl StrategyInstance {
 
 fn classify(e: &wasmtime::Error, store: &Store<HostState>, limits: &Limits) -> StrategyFault {
     if let Some(resource) = store.data().limiter.hit {
-        return StrategyFault::MemoryCap { resource, limit_bytes: limits.memory_bytes };
+        return StrategyFault::MemoryCap {
+            resource,
+            limit_bytes: limits.memory_bytes,
+        };
     }
     match e.downcast_ref::<Trap>() {
-        Some(Trap::OutOfFuel) => StrategyFault::OutOfFuel { budget: limits.fuel },
-        Some(Trap::Interrupt) => StrategyFault::Deadline { deadline: limits.deadline },
+        Some(Trap::OutOfFuel) => StrategyFault::OutOfFuel {
+            budget: limits.fuel,
+        },
+        Some(Trap::Interrupt) => StrategyFault::Deadline {
+            deadline: limits.deadline,
+        },
         Some(Trap::StackOverflow) => StrategyFault::StackOverflow,
         // The trap itself (`wasm `unreachable` instruction executed`, an
         // out-of-bounds access...), not the backtrace around it.
         Some(trap) => {
             let text = trap.to_string();
-            StrategyFault::Trap(text.strip_prefix("wasm trap: ").unwrap_or(&text).to_string())
+            StrategyFault::Trap(
+                text.strip_prefix("wasm trap: ")
+                    .unwrap_or(&text)
+                    .to_string(),
+            )
         }
         None => {
             // A host-side error: the root cause's first line.

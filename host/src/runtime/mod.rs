@@ -23,7 +23,10 @@ use wasmtime::component::Linker;
 use wasmtime::{Config, Engine};
 
 pub use component::{ComponentMeta, LoadError, StrategyComponent, StrategySource};
-pub use instance::{MAX_REASON_BYTES, MAX_STATE_BYTES, PointBatch, StrategyInfo, StrategyInstance, Verdict, VerdictKind};
+pub use instance::{
+    MAX_REASON_BYTES, MAX_STATE_BYTES, PointBatch, StrategyInfo, StrategyInstance, Verdict,
+    VerdictKind,
+};
 pub use sandbox::{LOG_LINES_PER_CALL, LOG_MESSAGE_MAX, OUTPUT_MAX_PER_CALL, SandboxCounters};
 
 use sandbox::HostState;
@@ -127,7 +130,9 @@ pub struct Runtime {
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Runtime").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Runtime")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -152,11 +157,12 @@ impl Runtime {
         }
         let engine = Engine::new(&wasm).map_err(|e| LoadError::Engine(e.to_string()))?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| LoadError::Engine(e.to_string()))?;
-        bindings::RetrainStrategy::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(
-            &mut linker,
-            |s| s,
-        )
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| LoadError::Engine(e.to_string()))?;
+        bindings::RetrainStrategy::add_to_linker::<
+            HostState,
+            wasmtime::component::HasSelf<HostState>,
+        >(&mut linker, |s| s)
         .map_err(|e| LoadError::Engine(e.to_string()))?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
@@ -174,7 +180,12 @@ impl Runtime {
                 })
                 .map_err(|e| LoadError::Engine(format!("cannot start the epoch ticker: {e}")))?;
         }
-        Ok(Runtime { engine, linker, config, ticker_stop })
+        Ok(Runtime {
+            engine,
+            linker,
+            config,
+            ticker_stop,
+        })
     }
 
     /// The process-wide runtime: the one [`init_shared`](Self::init_shared)
@@ -184,7 +195,9 @@ impl Runtime {
     ///
     /// If the engine cannot be built (an unsupported CPU).
     pub fn shared() -> &'static Runtime {
-        SHARED.get_or_init(|| Runtime::new(RuntimeConfig::default()).expect("cannot build the wasmtime engine"))
+        SHARED.get_or_init(|| {
+            Runtime::new(RuntimeConfig::default()).expect("cannot build the wasmtime engine")
+        })
     }
 
     /// Builds the process-wide runtime with `config`. Call it before anything
@@ -201,7 +214,9 @@ impl Runtime {
             {
                 return Ok(existing);
             }
-            return Err(LoadError::Engine("the shared runtime was already built with another configuration".into()));
+            return Err(LoadError::Engine(
+                "the shared runtime was already built with another configuration".into(),
+            ));
         }
         let runtime = Runtime::new(config)?;
         Ok(SHARED.get_or_init(|| runtime))

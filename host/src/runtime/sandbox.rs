@@ -13,7 +13,9 @@ use rand::SeedableRng as _;
 use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
-use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi::{
+    HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView,
+};
 
 use super::Limits;
 use super::bindings::visutility::strategy::{host, types};
@@ -66,7 +68,9 @@ impl HostState {
             .wall_clock(VirtualWallClock(clock_ms.clone()))
             .monotonic_clock(VirtualMonotonicClock(clock_ms.clone()))
             .secure_random(rand::rngs::StdRng::seed_from_u64(limits.random_seed))
-            .insecure_random(rand::rngs::StdRng::seed_from_u64(limits.random_seed ^ 0x9e37_79b9_7f4a_7c15))
+            .insecure_random(rand::rngs::StdRng::seed_from_u64(
+                limits.random_seed ^ 0x9e37_79b9_7f4a_7c15,
+            ))
             .insecure_random_seed(u128::from(limits.random_seed))
             .max_random_size(1 << 20)
             .build();
@@ -122,7 +126,10 @@ impl HostState {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -131,18 +138,30 @@ impl types::Host for HostState {}
 impl host::Host for HostState {
     fn log(&mut self, level: types::Level, message: String) {
         if self.log_budget == 0 {
-            self.counters.log_lines_dropped.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .log_lines_dropped
+                .fetch_add(1, Ordering::Relaxed);
             return;
         }
         self.log_budget -= 1;
         let message = truncate_chars(message, LOG_MESSAGE_MAX, "… (truncated)");
         let s = &self.label;
         match level {
-            types::Level::Trace => tracing::trace!(target: "visutility::strategy", strategy = %s, "{message}"),
-            types::Level::Debug => tracing::debug!(target: "visutility::strategy", strategy = %s, "{message}"),
-            types::Level::Info => tracing::info!(target: "visutility::strategy", strategy = %s, "{message}"),
-            types::Level::Warn => tracing::warn!(target: "visutility::strategy", strategy = %s, "{message}"),
-            types::Level::Error => tracing::error!(target: "visutility::strategy", strategy = %s, "{message}"),
+            types::Level::Trace => {
+                tracing::trace!(target: "visutility::strategy", strategy = %s, "{message}")
+            }
+            types::Level::Debug => {
+                tracing::debug!(target: "visutility::strategy", strategy = %s, "{message}")
+            }
+            types::Level::Info => {
+                tracing::info!(target: "visutility::strategy", strategy = %s, "{message}")
+            }
+            types::Level::Warn => {
+                tracing::warn!(target: "visutility::strategy", strategy = %s, "{message}")
+            }
+            types::Level::Error => {
+                tracing::error!(target: "visutility::strategy", strategy = %s, "{message}")
+            }
         }
     }
 }
@@ -168,7 +187,12 @@ impl Limiter {
 }
 
 impl ResourceLimiter for Limiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.memory_bytes {
             self.hit = Some("memory");
             return Ok(false);
@@ -176,7 +200,12 @@ impl ResourceLimiter for Limiter {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.table_elements {
             self.hit = Some("table");
             return Ok(false);
@@ -221,7 +250,11 @@ impl HostMonotonicClock for VirtualMonotonicClock {
     }
 
     fn now(&self) -> u64 {
-        self.0.load(Ordering::Relaxed).max(0).unsigned_abs().saturating_mul(1_000_000)
+        self.0
+            .load(Ordering::Relaxed)
+            .max(0)
+            .unsigned_abs()
+            .saturating_mul(1_000_000)
     }
 }
 
@@ -236,7 +269,10 @@ pub(crate) struct CapturedOutput {
 
 impl CapturedOutput {
     fn new(counters: Arc<SandboxCounters>) -> Self {
-        CapturedOutput { buf: Arc::new(Mutex::new(Vec::new())), counters }
+        CapturedOutput {
+            buf: Arc::new(Mutex::new(Vec::new())),
+            counters,
+        }
     }
 
     fn take(&self) -> Vec<u8> {
@@ -270,7 +306,9 @@ impl CapturedOutput {
         buf.extend_from_slice(&data[..kept]);
         let dropped = (data.len() - kept) as u64;
         if dropped > 0 {
-            self.counters.output_bytes_dropped.fetch_add(dropped, Ordering::Relaxed);
+            self.counters
+                .output_bytes_dropped
+                .fetch_add(dropped, Ordering::Relaxed);
         }
     }
 }
@@ -298,7 +336,11 @@ impl wasmtime_wasi::p2::Pollable for CapturedOutput {
 }
 
 impl tokio::io::AsyncWrite for CapturedOutput {
-    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         self.keep(data);
         Poll::Ready(Ok(data.len()))
     }

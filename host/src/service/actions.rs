@@ -66,12 +66,20 @@ impl Deliverer {
 
     async fn deliver(&self, d: DueDelivery) {
         let monitor = &d.signal.signal.monitor;
-        let action = self.actions.read().get(monitor).and_then(|a| a.get(d.action as usize)).cloned();
+        let action = self
+            .actions
+            .read()
+            .get(monitor)
+            .and_then(|a| a.get(d.action as usize))
+            .cloned();
         let Some(action) = action else {
             let _ = self.store.finish_attempt(
                 d.signal_id,
                 d.action,
-                Err(format!("monitor `{monitor}` has no action #{} any more", d.action)),
+                Err(format!(
+                    "monitor `{monitor}` has no action #{} any more",
+                    d.action
+                )),
                 None,
                 None,
             );
@@ -83,20 +91,33 @@ impl Deliverer {
                 tracing::warn!(target: "visutility::signal", signal = %String::from_utf8_lossy(&body), "{} signal for `{}`: {}", d.signal.signal.kind, d.signal.signal.model_version, d.signal.signal.reason);
                 (Ok(()), None)
             }
-            ActionConfig::Exec { argv, timeout, .. } => run_exec(argv, *timeout, &d.signal, &body).await,
-            ActionConfig::Webhook { url, secret_env, timeout, .. } => {
-                (post_webhook(&self.http, url, secret_env.as_deref(), *timeout, &body).await, None)
+            ActionConfig::Exec { argv, timeout, .. } => {
+                run_exec(argv, *timeout, &d.signal, &body).await
             }
+            ActionConfig::Webhook {
+                url,
+                secret_env,
+                timeout,
+                ..
+            } => (
+                post_webhook(&self.http, url, secret_env.as_deref(), *timeout, &body).await,
+                None,
+            ),
         };
         let attempts = d.attempts as u32 + 1;
         let next = match &outcome {
-            Err(_) if attempts < action.max_attempts() => Some(now_ms() + backoff(attempts).as_millis() as i64),
+            Err(_) if attempts < action.max_attempts() => {
+                Some(now_ms() + backoff(attempts).as_millis() as i64)
+            }
             _ => None,
         };
         if let Err(e) = &outcome {
             tracing::warn!(monitor = %monitor, signal = d.signal_id, action = action.kind(), attempts, "delivery failed: {e}");
         }
-        if let Err(e) = self.store.finish_attempt(d.signal_id, d.action, outcome, exit_code, next) {
+        if let Err(e) = self
+            .store
+            .finish_attempt(d.signal_id, d.action, outcome, exit_code, next)
+        {
             tracing::error!("cannot record a delivery: {e}");
         }
     }
@@ -104,17 +125,27 @@ impl Deliverer {
 
 /// Delay before attempt `attempts + 1`: exponential with ±25% jitter.
 pub fn backoff(attempts: u32) -> Duration {
-    let exp = BASE_BACKOFF.saturating_mul(1 << attempts.min(20)).min(MAX_BACKOFF);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let exp = BASE_BACKOFF
+        .saturating_mul(1 << attempts.min(20))
+        .min(MAX_BACKOFF);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
     let jitter = 0.75 + f64::from(nanos % 1000) / 2000.0;
     exp.mul_f64(jitter)
 }
 
 fn fill(arg: &str, s: &SignalRecord) -> String {
-    arg.replace("{model_version}", &s.signal.model_version).replace("{monitor}", &s.signal.monitor)
+    arg.replace("{model_version}", &s.signal.model_version)
+        .replace("{monitor}", &s.signal.monitor)
 }
 
-async fn run_exec(argv: &[String], timeout: Duration, s: &SignalRecord, body: &[u8]) -> (Result<(), String>, Option<i32>) {
+async fn run_exec(
+    argv: &[String],
+    timeout: Duration,
+    s: &SignalRecord,
+    body: &[u8],
+) -> (Result<(), String>, Option<i32>) {
     let args: Vec<String> = argv.iter().map(|a| fill(a, s)).collect();
     let mut cmd = tokio::process::Command::new(&args[0]);
     cmd.args(&args[1..])
@@ -137,7 +168,14 @@ async fn run_exec(argv: &[String], timeout: Duration, s: &SignalRecord, body: &[
         let _ = stdin.write_all(body).await;
     }
     match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Err(_) => (Err(format!("`{}` timed out after {}", args[0], humantime::format_duration(timeout))), None),
+        Err(_) => (
+            Err(format!(
+                "`{}` timed out after {}",
+                args[0],
+                humantime::format_duration(timeout)
+            )),
+            None,
+        ),
         Ok(Err(e)) => (Err(format!("`{}` failed: {e}", args[0])), None),
         Ok(Ok(out)) => {
             let code = out.status.code();
@@ -145,8 +183,23 @@ async fn run_exec(argv: &[String], timeout: Duration, s: &SignalRecord, body: &[
                 (Ok(()), code)
             } else {
                 let stderr = String::from_utf8_lossy(&out.stderr);
-                let tail: String = stderr.chars().rev().take(300).collect::<String>().chars().rev().collect();
-                (Err(format!("`{}` exited with {}: {}", args[0], out.status, tail.trim())), code)
+                let tail: String = stderr
+                    .chars()
+                    .rev()
+                    .take(300)
+                    .collect::<String>()
+                    .chars()
+                    .rev()
+                    .collect();
+                (
+                    Err(format!(
+                        "`{}` exited with {}: {}",
+                        args[0],
+                        out.status,
+                        tail.trim()
+                    )),
+                    code,
+                )
             }
         }
     }
@@ -166,9 +219,14 @@ async fn post_webhook(
     timeout: Duration,
     body: &[u8],
 ) -> Result<(), String> {
-    let mut req = http.post(url).timeout(timeout).header("Content-Type", "application/json").body(body.to_vec());
+    let mut req = http
+        .post(url)
+        .timeout(timeout)
+        .header("Content-Type", "application/json")
+        .body(body.to_vec());
     if let Some(var) = secret_env {
-        let secret = std::env::var(var).map_err(|_| format!("environment variable `{var}` (secret_env) is not set"))?;
+        let secret = std::env::var(var)
+            .map_err(|_| format!("environment variable `{var}` (secret_env) is not set"))?;
         req = req.header(SIGNATURE_HEADER, signature(secret.as_bytes(), body));
     }
     let resp = req.send().await.map_err(|e| format!("POST {url}: {e}"))?;

@@ -207,7 +207,8 @@ impl ActionConfig {
     pub fn max_attempts(&self) -> u32 {
         match self {
             ActionConfig::Log => 1,
-            ActionConfig::Exec { max_attempts, .. } | ActionConfig::Webhook { max_attempts, .. } => *max_attempts,
+            ActionConfig::Exec { max_attempts, .. }
+            | ActionConfig::Webhook { max_attempts, .. } => *max_attempts,
         }
     }
 }
@@ -265,7 +266,10 @@ impl ServiceConfig {
     ///
     /// [`ConfigError`] naming the file, the key and the problem.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let err = |message: String| ConfigError { file: path.to_path_buf(), message };
+        let err = |message: String| ConfigError {
+            file: path.to_path_buf(),
+            message,
+        };
         let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
         let config: ServiceConfig = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
         config.validate().map_err(err)?;
@@ -287,8 +291,15 @@ impl ServiceConfig {
         let mut names = std::collections::HashSet::new();
         for (i, m) in self.monitors.iter().enumerate() {
             let at = format!("monitor[{i}] (`{}`)", m.name);
-            if m.name.is_empty() || !m.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-                return Err(format!("{at}: `name` must be non-empty and use only letters, digits, `-`, `_`, `.`"));
+            if m.name.is_empty()
+                || !m
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(format!(
+                    "{at}: `name` must be non-empty and use only letters, digits, `-`, `_`, `.`"
+                ));
             }
             if !names.insert(m.name.as_str()) {
                 return Err(format!("{at}: `name` is used by another monitor"));
@@ -297,11 +308,15 @@ impl ServiceConfig {
                 return Err(format!("{at}: `max_failures` must be at least 1"));
             }
             if m.models.is_empty() {
-                return Err(format!("{at}: `models` is empty, so the monitor would never see a snapshot"));
+                return Err(format!(
+                    "{at}: `models` is empty, so the monitor would never see a snapshot"
+                ));
             }
             if let Some(other) = &m.shadows {
                 if !m.shadow {
-                    return Err(format!("{at}: `shadows = \"{other}\"` needs `shadow = true`"));
+                    return Err(format!(
+                        "{at}: `shadows = \"{other}\"` needs `shadow = true`"
+                    ));
                 }
                 if other == &m.name || !self.monitors.iter().any(|o| &o.name == other) {
                     return Err(format!("{at}: `shadows` names no other monitor: {other:?}"));
@@ -309,14 +324,20 @@ impl ServiceConfig {
             }
             for (j, action) in m.actions.iter().enumerate() {
                 match action {
-                    ActionConfig::Webhook { secret: Some(_), .. } => {
+                    ActionConfig::Webhook {
+                        secret: Some(_), ..
+                    } => {
                         return Err(format!(
                             "{at}: action[{j}]: `secret` must not be written in the file; put it in an environment \
                              variable and set `secret_env = \"VAR\"`"
                         ));
                     }
-                    ActionConfig::Webhook { url, .. } if !(url.starts_with("http://") || url.starts_with("https://")) => {
-                        return Err(format!("{at}: action[{j}]: `url` must start with http:// or https://, got {url:?}"));
+                    ActionConfig::Webhook { url, .. }
+                        if !(url.starts_with("http://") || url.starts_with("https://")) =>
+                    {
+                        return Err(format!(
+                            "{at}: action[{j}]: `url` must start with http:// or https://, got {url:?}"
+                        ));
                     }
                     ActionConfig::Exec { argv, .. } if argv.is_empty() => {
                         return Err(format!("{at}: action[{j}]: `argv` must name a program"));
@@ -324,7 +345,9 @@ impl ServiceConfig {
                     _ => {}
                 }
                 if action.max_attempts() == 0 {
-                    return Err(format!("{at}: action[{j}]: `max_attempts` must be at least 1"));
+                    return Err(format!(
+                        "{at}: action[{j}]: `max_attempts` must be at least 1"
+                    ));
                 }
             }
         }
@@ -340,7 +363,9 @@ impl MonitorConfig {
 
     /// Whether `model` is selected by this monitor's globs.
     pub fn selects(&self, model: &str) -> bool {
-        self.models.iter().any(|g| glob_match(g.as_bytes(), model.as_bytes()))
+        self.models
+            .iter()
+            .any(|g| glob_match(g.as_bytes(), model.as_bytes()))
     }
 }
 
@@ -425,8 +450,11 @@ fn default_attempts() -> u32 {
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
-    humantime::parse_duration(&s)
-        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like \"30s\" or \"10m\" ({e})")))
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "{s:?} is not a duration like \"30s\" or \"10m\" ({e})"
+        ))
+    })
 }
 
 fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -485,14 +513,24 @@ mod tests {
 
     #[test]
     fn errors_name_the_key_and_problem() {
-        let e = parse("[[monitor]]\nname = \"m\"\nstrategy = \"builtin:baseline\"\ncooldown = \"soon\"\n").unwrap_err();
-        assert!(e.contains("cooldown") && e.contains("not a duration"), "{e}");
-        let e = parse("[[monitor]]\nname = \"m\"\nstrategy = \"x\"\ncoldown = \"5m\"\n").unwrap_err();
+        let e = parse(
+            "[[monitor]]\nname = \"m\"\nstrategy = \"builtin:baseline\"\ncooldown = \"soon\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("cooldown") && e.contains("not a duration"),
+            "{e}"
+        );
+        let e =
+            parse("[[monitor]]\nname = \"m\"\nstrategy = \"x\"\ncoldown = \"5m\"\n").unwrap_err();
         assert!(e.contains("unknown field `coldown`"), "{e}");
         let e = parse("[[monitor]]\nname = \"m\"\nstrategy = \"x\"\n[[monitor.action]]\nkind = \"webhook\"\nurl = \"http://x\"\nsecret = \"hunter2\"\n")
             .unwrap_err();
         assert!(e.contains("secret_env"), "{e}");
         let e = parse("[[monitor]]\nname = \"m\"\nstrategy = \"x\"\n[[monitor]]\nname = \"m\"\nstrategy = \"x\"\n").unwrap_err();
-        assert!(e.contains("monitor[1]") && e.contains("used by another"), "{e}");
+        assert!(
+            e.contains("monitor[1]") && e.contains("used by another"),
+            "{e}"
+        );
     }
 }

@@ -56,42 +56,71 @@ async fn ingest(State(service): State<Arc<Service>>, headers: HeaderMap, body: B
     let ndjson = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/x-ndjson") || ct.starts_with("application/jsonl"));
+        .is_some_and(|ct| {
+            ct.starts_with("application/x-ndjson") || ct.starts_with("application/jsonl")
+        });
     let service2 = service.clone();
     // Parsing a large body is CPU work: keep it off the async workers.
     let parsed = tokio::task::spawn_blocking(move || parse_body(&body, ndjson, &service2)).await;
     let observations = match parsed {
         Ok(Ok(obs)) => obs,
         Ok(Err(resp)) => return *resp,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()})),
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": e.to_string()}),
+            );
+        }
     };
     let count = observations.len();
     if count == 0 {
-        return error(StatusCode::BAD_REQUEST, json!({"error": "no snapshot in the request body"}));
+        return error(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "no snapshot in the request body"}),
+        );
     }
     match service.route(observations) {
         Ok(()) => {
-            service.metrics.accepted.fetch_add(count as u64, Ordering::Relaxed);
+            service
+                .metrics
+                .accepted
+                .fetch_add(count as u64, Ordering::Relaxed);
             (StatusCode::ACCEPTED, axum::Json(json!({"accepted": count}))).into_response()
         }
         Err(busy) => {
-            service.metrics.rejected_busy.fetch_add(count as u64, Ordering::Relaxed);
-            unavailable(&format!("monitor `{busy}` is behind or restarting; nothing of this request was accepted, retry it"), 1)
+            service
+                .metrics
+                .rejected_busy
+                .fetch_add(count as u64, Ordering::Relaxed);
+            unavailable(
+                &format!(
+                    "monitor `{busy}` is behind or restarting; nothing of this request was accepted, retry it"
+                ),
+                1,
+            )
         }
     }
 }
 
 fn unavailable(message: &str, retry_after: u32) -> Response {
     let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, json!({"error": message}));
-    resp.headers_mut().insert(header::RETRY_AFTER, retry_after.into());
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, retry_after.into());
     resp
 }
 
 /// Parses an object, an array, or NDJSON; any bad entry refuses the whole
 /// body with every bad entry's position and reason.
-fn parse_body(body: &[u8], ndjson: bool, service: &Service) -> Result<Vec<Observation>, Box<Response>> {
+fn parse_body(
+    body: &[u8],
+    ndjson: bool,
+    service: &Service,
+) -> Result<Vec<Observation>, Box<Response>> {
     let refuse = |errors: Vec<serde_json::Value>, total: usize| {
-        service.metrics.refused.fetch_add(total as u64, Ordering::Relaxed);
+        service
+            .metrics
+            .refused
+            .fetch_add(total as u64, Ordering::Relaxed);
         let shown: Vec<_> = errors.iter().take(MAX_LISTED_ERRORS).cloned().collect();
         Box::new(error(
             StatusCode::BAD_REQUEST,
@@ -101,16 +130,28 @@ fn parse_body(body: &[u8], ndjson: bool, service: &Service) -> Result<Vec<Observ
     let text = match std::str::from_utf8(body) {
         Ok(t) => t,
         Err(e) => {
-            let line = body[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1;
-            return Err(refuse(vec![json!({"line": line, "reason": "not valid UTF-8"})], 1));
+            let line = body[..e.valid_up_to()]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1;
+            return Err(refuse(
+                vec![json!({"line": line, "reason": "not valid UTF-8"})],
+                1,
+            ));
         }
     };
     let received = SystemTime::now();
     let trimmed = text.trim_start();
     if !ndjson && trimmed.starts_with('[') {
         // Each element is parsed on its own, so that an error names its index.
-        let values: Vec<&serde_json::value::RawValue> = serde_json::from_str(text)
-            .map_err(|e| refuse(vec![json!({"reason": format!("not a JSON array of objects: {e}")})], 1))?;
+        let values: Vec<&serde_json::value::RawValue> =
+            serde_json::from_str(text).map_err(|e| {
+                refuse(
+                    vec![json!({"reason": format!("not a JSON array of objects: {e}")})],
+                    1,
+                )
+            })?;
         if values.len() > MAX_SNAPSHOTS_PER_REQUEST {
             return Err(Box::new(error(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -126,7 +167,11 @@ fn parse_body(body: &[u8], ndjson: bool, service: &Service) -> Result<Vec<Observ
                 Err(e) => errors.push(json!({"index": index, "reason": e.to_string()})),
             }
         }
-        return if errors.is_empty() { Ok(out) } else { Err(refuse(errors, total)) };
+        return if errors.is_empty() {
+            Ok(out)
+        } else {
+            Err(refuse(errors, total))
+        };
     }
     // One object, or NDJSON (one object per line).
     let mut out = Vec::new();
@@ -149,18 +194,29 @@ fn parse_body(body: &[u8], ndjson: bool, service: &Service) -> Result<Vec<Observ
             Err(e) => errors.push(json!({"line": i + 1, "reason": e.to_string()})),
         }
     }
-    if errors.is_empty() { Ok(out) } else { Err(refuse(errors, total)) }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(refuse(errors, total))
+    }
 }
 
 async fn monitors(State(service): State<Arc<Service>>) -> Response {
-    let list: Vec<_> = service.monitors().iter().map(|m| service.status_of(m)).collect();
+    let list: Vec<_> = service
+        .monitors()
+        .iter()
+        .map(|m| service.status_of(m))
+        .collect();
     axum::Json(json!({ "monitors": list })).into_response()
 }
 
 async fn monitor(State(service): State<Arc<Service>>, Path(name): Path<String>) -> Response {
     match service.monitors().iter().find(|m| m.config.name == name) {
         Some(m) => axum::Json(service.status_of(m)).into_response(),
-        None => error(StatusCode::NOT_FOUND, json!({"error": format!("no monitor named `{name}`")})),
+        None => error(
+            StatusCode::NOT_FOUND,
+            json!({"error": format!("no monitor named `{name}`")}),
+        ),
     }
 }
 
@@ -173,28 +229,53 @@ fn admin(service: &Service, headers: &HeaderMap) -> Result<(), Box<Response>> {
             json!({"error": format!("admin endpoints are disabled: set the environment variable `{var}` to a token")}),
         )));
     };
-    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
     // Constant-time comparison of equal-length tokens.
-    let ok = given.is_some_and(|g| g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0);
+    let ok = given.is_some_and(|g| {
+        g.len() == token.len()
+            && g.bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    });
     if ok {
         Ok(())
     } else {
-        Err(Box::new(error(StatusCode::UNAUTHORIZED, json!({"error": "missing or wrong admin bearer token"}))))
+        Err(Box::new(error(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "missing or wrong admin bearer token"}),
+        )))
     }
 }
 
-async fn resume(State(service): State<Arc<Service>>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+async fn resume(
+    State(service): State<Arc<Service>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     if let Err(resp) = admin(&service, &headers) {
         return *resp;
     }
     match service.monitors().iter().find(|m| m.config.name == name) {
-        None => error(StatusCode::NOT_FOUND, json!({"error": format!("no monitor named `{name}`")})),
-        Some(m) if !m.quarantined() => error(StatusCode::CONFLICT, json!({"error": format!("monitor `{name}` is not quarantined")})),
+        None => error(
+            StatusCode::NOT_FOUND,
+            json!({"error": format!("no monitor named `{name}`")}),
+        ),
+        Some(m) if !m.quarantined() => error(
+            StatusCode::CONFLICT,
+            json!({"error": format!("monitor `{name}` is not quarantined")}),
+        ),
         Some(m) => {
             if m.resume() {
                 (StatusCode::ACCEPTED, axum::Json(json!({"resumed": name}))).into_response()
             } else {
-                error(StatusCode::SERVICE_UNAVAILABLE, json!({"error": format!("monitor `{name}` is stopped")}))
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"error": format!("monitor `{name}` is stopped")}),
+                )
             }
         }
     }
@@ -224,25 +305,46 @@ async fn put_strategy(
     if let Err(resp) = admin(&service, &headers) {
         return *resp;
     }
-    let Some(monitor) = service.monitors().iter().find(|m| m.config.name == name).cloned() else {
-        return error(StatusCode::NOT_FOUND, json!({"error": format!("no monitor named `{name}`")}));
+    let Some(monitor) = service
+        .monitors()
+        .iter()
+        .find(|m| m.config.name == name)
+        .cloned()
+    else {
+        return error(
+            StatusCode::NOT_FOUND,
+            json!({"error": format!("no monitor named `{name}`")}),
+        );
     };
     if let Some(c) = &p.config
         && let Err(e) = serde_json::from_str::<serde_json::Value>(c)
     {
-        return error(StatusCode::BAD_REQUEST, json!({"error": format!("`config` is not JSON: {e}")}));
+        return error(
+            StatusCode::BAD_REQUEST,
+            json!({"error": format!("`config` is not JSON: {e}")}),
+        );
     }
     let label = format!("upload to `{name}`");
     let outcome = tokio::task::spawn_blocking(move || {
-        let component = match crate::runtime::StrategyComponent::from_bytes(crate::runtime::Runtime::shared(), label, &body) {
+        let component = match crate::runtime::StrategyComponent::from_bytes(
+            crate::runtime::Runtime::shared(),
+            label,
+            &body,
+        ) {
             Ok(c) => c,
             Err(e) => {
                 let reason = format!("candidate refused: {e}");
-                monitor.record_refusal("api", &hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&body)), &reason);
+                monitor.record_refusal(
+                    "api",
+                    &hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&body)),
+                    &reason,
+                );
                 return Err((StatusCode::BAD_REQUEST, reason));
             }
         };
-        monitor.swap(component, p.config, "api", SWAP_WAIT).map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e))
+        monitor
+            .swap(component, p.config, "api", SWAP_WAIT)
+            .map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e))
     })
     .await;
     swap_response(&service, &name, outcome)
@@ -251,14 +353,21 @@ async fn put_strategy(
 fn swap_response(
     service: &Service,
     name: &str,
-    outcome: Result<Result<super::monitor::SwapReport, (StatusCode, String)>, tokio::task::JoinError>,
+    outcome: Result<
+        Result<super::monitor::SwapReport, (StatusCode, String)>,
+        tokio::task::JoinError,
+    >,
 ) -> Response {
     match outcome {
         Ok(Ok(report)) => axum::Json(json!({ "monitor": name, "swapped": report })).into_response(),
-        Ok(Err((status, reason))) => {
-            error(status, json!({ "error": reason, "serving": service.monitors().iter().find(|m| m.config.name == name).map(|m| m.status().strategy) }))
-        }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()})),
+        Ok(Err((status, reason))) => error(
+            status,
+            json!({ "error": reason, "serving": service.monitors().iter().find(|m| m.config.name == name).map(|m| m.status().strategy) }),
+        ),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"error": e.to_string()}),
+        ),
     }
 }
 
@@ -270,21 +379,41 @@ async fn reload(State(service): State<Arc<Service>>, headers: HeaderMap) -> Resp
     let s = service.clone();
     match tokio::task::spawn_blocking(move || s.reload()).await {
         Ok(Ok(report)) => axum::Json(json!({ "reloaded": report })).into_response(),
-        Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, json!({"error": format!("configuration not reloaded: {e}")})),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()})),
+        Ok(Err(e)) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"error": format!("configuration not reloaded: {e}")}),
+        ),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"error": e.to_string()}),
+        ),
     }
 }
 
 /// `POST /v1/monitors/{name}/rollback`: serve the previous version again.
-async fn rollback(State(service): State<Arc<Service>>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+async fn rollback(
+    State(service): State<Arc<Service>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     if let Err(resp) = admin(&service, &headers) {
         return *resp;
     }
-    let Some(monitor) = service.monitors().iter().find(|m| m.config.name == name).cloned() else {
-        return error(StatusCode::NOT_FOUND, json!({"error": format!("no monitor named `{name}`")}));
+    let Some(monitor) = service
+        .monitors()
+        .iter()
+        .find(|m| m.config.name == name)
+        .cloned()
+    else {
+        return error(
+            StatusCode::NOT_FOUND,
+            json!({"error": format!("no monitor named `{name}`")}),
+        );
     };
     let outcome = tokio::task::spawn_blocking(move || {
-        monitor.rollback("rollback (api)", SWAP_WAIT).map_err(|e| (StatusCode::CONFLICT, e))
+        monitor
+            .rollback("rollback (api)", SWAP_WAIT)
+            .map_err(|e| (StatusCode::CONFLICT, e))
     })
     .await;
     swap_response(&service, &name, outcome)
@@ -297,15 +426,29 @@ struct SwapsParams {
 }
 
 /// `GET /v1/monitors/{name}/swaps`: swaps, refusals and rollbacks, newest first.
-async fn swaps(State(service): State<Arc<Service>>, Path(name): Path<String>, Query(p): Query<SwapsParams>) -> Response {
+async fn swaps(
+    State(service): State<Arc<Service>>,
+    Path(name): Path<String>,
+    Query(p): Query<SwapsParams>,
+) -> Response {
     if !service.monitors().iter().any(|m| m.config.name == name) {
-        return error(StatusCode::NOT_FOUND, json!({"error": format!("no monitor named `{name}`")}));
+        return error(
+            StatusCode::NOT_FOUND,
+            json!({"error": format!("no monitor named `{name}`")}),
+        );
     }
     let store = service.store.clone();
-    match tokio::task::spawn_blocking(move || store.swaps(Some(&name), p.limit.unwrap_or(20))).await {
+    match tokio::task::spawn_blocking(move || store.swaps(Some(&name), p.limit.unwrap_or(20))).await
+    {
         Ok(Ok(list)) => axum::Json(json!({ "swaps": list })).into_response(),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()})),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()})),
+        Ok(Err(e)) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"error": e.to_string()}),
+        ),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"error": e.to_string()}),
+        ),
     }
 }
 
@@ -316,12 +459,25 @@ struct FailuresParams {
     limit: Option<usize>,
 }
 
-async fn failures(State(service): State<Arc<Service>>, Query(p): Query<FailuresParams>) -> Response {
+async fn failures(
+    State(service): State<Arc<Service>>,
+    Query(p): Query<FailuresParams>,
+) -> Response {
     let store = service.store.clone();
-    match tokio::task::spawn_blocking(move || store.failures(p.monitor.as_deref(), p.limit.unwrap_or(20))).await {
+    match tokio::task::spawn_blocking(move || {
+        store.failures(p.monitor.as_deref(), p.limit.unwrap_or(20))
+    })
+    .await
+    {
         Ok(Ok(list)) => axum::Json(json!({ "failures": list })).into_response(),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()})),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()})),
+        Ok(Err(e)) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"error": e.to_string()}),
+        ),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"error": e.to_string()}),
+        ),
     }
 }
 
@@ -340,12 +496,23 @@ async fn signals(State(service): State<Arc<Service>>, Query(p): Query<SignalsPar
         Some(Ok(ms)) => Some(ms),
         Some(Err(e)) => return error(StatusCode::BAD_REQUEST, json!({"error": e})),
     };
-    let q = SignalQuery { monitor: p.monitor, model: p.model, since, limit: p.limit };
+    let q = SignalQuery {
+        monitor: p.monitor,
+        model: p.model,
+        since,
+        limit: p.limit,
+    };
     let store = service.store.clone();
     match tokio::task::spawn_blocking(move || store.signals(&q)).await {
         Ok(Ok(list)) => axum::Json(json!({ "signals": list })).into_response(),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()})),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()})),
+        Ok(Err(e)) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"error": e.to_string()}),
+        ),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"error": e.to_string()}),
+        ),
     }
 }
 
@@ -360,7 +527,9 @@ fn parse_since(s: &str) -> Result<i64, String> {
     if let Ok(d) = humantime::parse_duration(s) {
         return Ok(super::store::now_ms() - d.as_millis() as i64);
     }
-    Err(format!("`since` must be ms since the epoch, RFC 3339, or a duration like `15m`; got {s:?}"))
+    Err(format!(
+        "`since` must be ms since the epoch, RFC 3339, or a duration like `15m`; got {s:?}"
+    ))
 }
 
 async fn ready(State(service): State<Arc<Service>>) -> Response {
@@ -368,21 +537,39 @@ async fn ready(State(service): State<Arc<Service>>) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
     if let Some(m) = service.monitors().iter().find(|m| !m.has_room()) {
-        return (StatusCode::SERVICE_UNAVAILABLE, format!("monitor `{}` is behind\n", m.config.name)).into_response();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("monitor `{}` is behind\n", m.config.name),
+        )
+            .into_response();
     }
     (StatusCode::OK, "ready\n").into_response()
 }
 
 async fn metrics(State(service): State<Arc<Service>>) -> Response {
     let store = service.store.clone();
-    let deliveries = tokio::task::spawn_blocking(move || store.delivery_counts()).await.ok().and_then(Result::ok);
+    let deliveries = tokio::task::spawn_blocking(move || store.delivery_counts())
+        .await
+        .ok()
+        .and_then(Result::ok);
     let mut out = String::new();
     let m = &service.metrics;
     let mut counter = |name: &str, help: &str, value: u64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        );
     };
-    counter("visutility_snapshots_accepted_total", "Snapshots accepted by ingestion.", m.accepted.load(Ordering::Relaxed));
-    counter("visutility_snapshots_refused_total", "Snapshots refused as invalid.", m.refused.load(Ordering::Relaxed));
+    counter(
+        "visutility_snapshots_accepted_total",
+        "Snapshots accepted by ingestion.",
+        m.accepted.load(Ordering::Relaxed),
+    );
+    counter(
+        "visutility_snapshots_refused_total",
+        "Snapshots refused as invalid.",
+        m.refused.load(Ordering::Relaxed),
+    );
     counter(
         "visutility_snapshots_rejected_busy_total",
         "Snapshots rejected with 503 because a monitor was behind.",
@@ -390,37 +577,131 @@ async fn metrics(State(service): State<Arc<Service>>) -> Response {
     );
     type Field = fn(&super::monitor::MonitorStats) -> u64;
     let per_monitor: [(&str, &str, &str, Field); 15] = [
-        ("visutility_strategy_swaps_refused_total", "counter", "Strategy swaps refused by validation.", |s| s.swaps_refused.load(Ordering::Relaxed)),
-        ("visutility_points_shed_total", "counter", "Snapshots not queued for a failing monitor whose queue was full.", |s| s.points_shed.load(Ordering::Relaxed)),
-        ("visutility_strategy_log_lines_dropped_total", "counter", "Guest log lines dropped by the rate limit.", |s| s.log_lines_dropped.load(Ordering::Relaxed)),
-        ("visutility_strategy_output_bytes_dropped_total", "counter", "Guest stdout/stderr bytes dropped by the cap.", |s| s.output_bytes_dropped.load(Ordering::Relaxed)),
-        ("visutility_monitor_quarantined", "gauge", "1 when the monitor is quarantined.", |s| u64::from(s.quarantined.load(Ordering::Relaxed))),
-        ("visutility_points_skipped_total", "counter", "Snapshots not evaluated: quarantined, or failing when the service stopped.", |s| s.points_skipped.load(Ordering::Relaxed)),
-        ("visutility_points_accepted_total", "counter", "Snapshots queued for a monitor.", |s| s.points_accepted.load(Ordering::Relaxed)),
-        ("visutility_points_evaluated_total", "counter", "Snapshots evaluated by a monitor's strategy.", |s| s.points_evaluated.load(Ordering::Relaxed)),
-        ("visutility_signals_suppressed_total", "counter", "Retrain verdicts suppressed by the cooldown.", |s| s.suppressed.load(Ordering::Relaxed)),
-        ("visutility_signals_recorded_total", "counter", "Signals recorded in the outbox.", |s| s.signals.load(Ordering::Relaxed)),
-        ("visutility_strategy_traps_total", "counter", "Failed strategy calls.", |s| s.traps.load(Ordering::Relaxed)),
-        ("visutility_strategy_fuel_total", "counter", "Fuel used by strategy calls.", |s| s.fuel.load(Ordering::Relaxed)),
-        ("visutility_monitor_lag_points", "gauge", "Snapshots accepted but not yet evaluated (or skipped).", |s| {
-            s.points_accepted
-                .load(Ordering::Relaxed)
-                .saturating_sub(s.points_evaluated.load(Ordering::Relaxed) + s.points_skipped.load(Ordering::Relaxed))
-        }),
-        ("visutility_monitor_queued_batches", "gauge", "Batches waiting in a monitor's queue.", |s| s.queued.load(Ordering::Relaxed) as u64),
-        ("visutility_stale_models", "gauge", "Models currently stale.", |s| s.stale_models.load(Ordering::Relaxed)),
+        (
+            "visutility_strategy_swaps_refused_total",
+            "counter",
+            "Strategy swaps refused by validation.",
+            |s| s.swaps_refused.load(Ordering::Relaxed),
+        ),
+        (
+            "visutility_points_shed_total",
+            "counter",
+            "Snapshots not queued for a failing monitor whose queue was full.",
+            |s| s.points_shed.load(Ordering::Relaxed),
+        ),
+        (
+            "visutility_strategy_log_lines_dropped_total",
+            "counter",
+            "Guest log lines dropped by the rate limit.",
+            |s| s.log_lines_dropped.load(Ordering::Relaxed),
+        ),
+        (
+            "visutility_strategy_output_bytes_dropped_total",
+            "counter",
+            "Guest stdout/stderr bytes dropped by the cap.",
+            |s| s.output_bytes_dropped.load(Ordering::Relaxed),
+        ),
+        (
+            "visutility_monitor_quarantined",
+            "gauge",
+            "1 when the monitor is quarantined.",
+            |s| u64::from(s.quarantined.load(Ordering::Relaxed)),
+        ),
+        (
+            "visutility_points_skipped_total",
+            "counter",
+            "Snapshots not evaluated: quarantined, or failing when the service stopped.",
+            |s| s.points_skipped.load(Ordering::Relaxed),
+        ),
+        (
+            "visutility_points_accepted_total",
+            "counter",
+            "Snapshots queued for a monitor.",
+            |s| s.points_accepted.load(Ordering::Relaxed),
+        ),
+        (
+            "visutility_points_evaluated_total",
+            "counter",
+            "Snapshots evaluated by a monitor's strategy.",
+            |s| s.points_evaluated.load(Ordering::Relaxed),
+        ),
+        (
+            "visutility_signals_suppressed_total",
+            "counter",
+            "Retrain verdicts suppressed by the cooldown.",
+            |s| s.suppressed.load(Ordering::Relaxed),
+        ),
+        (
+            "visutility_signals_recorded_total",
+            "counter",
+            "Signals recorded in the outbox.",
+            |s| s.signals.load(Ordering::Relaxed),
+        ),
+        (
+            "visutility_strategy_traps_total",
+            "counter",
+            "Failed strategy calls.",
+            |s| s.traps.load(Ordering::Relaxed),
+        ),
+        (
+            "visutility_strategy_fuel_total",
+            "counter",
+            "Fuel used by strategy calls.",
+            |s| s.fuel.load(Ordering::Relaxed),
+        ),
+        (
+            "visutility_monitor_lag_points",
+            "gauge",
+            "Snapshots accepted but not yet evaluated (or skipped).",
+            |s| {
+                s.points_accepted.load(Ordering::Relaxed).saturating_sub(
+                    s.points_evaluated.load(Ordering::Relaxed)
+                        + s.points_skipped.load(Ordering::Relaxed),
+                )
+            },
+        ),
+        (
+            "visutility_monitor_queued_batches",
+            "gauge",
+            "Batches waiting in a monitor's queue.",
+            |s| s.queued.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            "visutility_stale_models",
+            "gauge",
+            "Models currently stale.",
+            |s| s.stale_models.load(Ordering::Relaxed),
+        ),
     ];
     for (name, kind, help, f) in per_monitor {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for mon in service.monitors().iter() {
-            let _ = writeln!(out, "{name}{{monitor=\"{}\"}} {}", mon.config.name, f(&mon.stats));
+            let _ = writeln!(
+                out,
+                "{name}{{monitor=\"{}\"}} {}",
+                mon.config.name,
+                f(&mon.stats)
+            );
         }
     }
-    let _ = writeln!(out, "# HELP visutility_verdicts_total Non-healthy verdicts by kind.\n# TYPE visutility_verdicts_total counter");
+    let _ = writeln!(
+        out,
+        "# HELP visutility_verdicts_total Non-healthy verdicts by kind.\n# TYPE visutility_verdicts_total counter"
+    );
     for mon in service.monitors().iter() {
         let s = &mon.stats;
-        let _ = writeln!(out, "visutility_verdicts_total{{monitor=\"{}\",kind=\"warn\"}} {}", mon.config.name, s.verdicts_warn.load(Ordering::Relaxed));
-        let _ = writeln!(out, "visutility_verdicts_total{{monitor=\"{}\",kind=\"retrain\"}} {}", mon.config.name, s.verdicts_retrain.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "visutility_verdicts_total{{monitor=\"{}\",kind=\"warn\"}} {}",
+            mon.config.name,
+            s.verdicts_warn.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "visutility_verdicts_total{{monitor=\"{}\",kind=\"retrain\"}} {}",
+            mon.config.name,
+            s.verdicts_retrain.load(Ordering::Relaxed)
+        );
     }
     let _ = writeln!(
         out,
@@ -431,21 +712,39 @@ async fn metrics(State(service): State<Arc<Service>>) -> Response {
         let mut cumulative = 0;
         for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
             cumulative += s.call_buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "visutility_strategy_call_seconds_bucket{{monitor=\"{}\",le=\"{le}\"}} {cumulative}", mon.config.name);
+            let _ = writeln!(
+                out,
+                "visutility_strategy_call_seconds_bucket{{monitor=\"{}\",le=\"{le}\"}} {cumulative}",
+                mon.config.name
+            );
         }
         cumulative += s.call_buckets[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
-        let _ = writeln!(out, "visutility_strategy_call_seconds_bucket{{monitor=\"{}\",le=\"+Inf\"}} {cumulative}", mon.config.name);
+        let _ = writeln!(
+            out,
+            "visutility_strategy_call_seconds_bucket{{monitor=\"{}\",le=\"+Inf\"}} {cumulative}",
+            mon.config.name
+        );
         let _ = writeln!(
             out,
             "visutility_strategy_call_seconds_sum{{monitor=\"{}\"}} {}",
             mon.config.name,
             s.call_nanos.load(Ordering::Relaxed) as f64 / 1e9
         );
-        let _ = writeln!(out, "visutility_strategy_call_seconds_count{{monitor=\"{}\"}} {cumulative}", mon.config.name);
+        let _ = writeln!(
+            out,
+            "visutility_strategy_call_seconds_count{{monitor=\"{}\"}} {cumulative}",
+            mon.config.name
+        );
     }
-    let _ = writeln!(out, "# HELP visutility_deliveries Action deliveries by state.\n# TYPE visutility_deliveries gauge");
+    let _ = writeln!(
+        out,
+        "# HELP visutility_deliveries Action deliveries by state.\n# TYPE visutility_deliveries gauge"
+    );
     for state in ["pending", "delivered", "failed"] {
-        let n = deliveries.as_ref().and_then(|d| d.iter().find(|(s, _)| s == state)).map_or(0, |(_, n)| *n);
+        let n = deliveries
+            .as_ref()
+            .and_then(|d| d.iter().find(|(s, _)| s == state))
+            .map_or(0, |(_, n)| *n);
         let _ = writeln!(out, "visutility_deliveries{{state=\"{state}\"}} {n}");
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()

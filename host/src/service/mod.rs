@@ -106,7 +106,9 @@ pub struct Service {
 
 impl std::fmt::Debug for Service {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Service").field("monitors", &self.monitors()).finish_non_exhaustive()
+        f.debug_struct("Service")
+            .field("monitors", &self.monitors())
+            .finish_non_exhaustive()
     }
 }
 
@@ -120,14 +122,29 @@ impl Service {
     pub fn start(config: ServiceConfig) -> Result<Arc<Service>, ServiceError> {
         let store = Store::open(&config.db)?;
         let wake = Arc::new(tokio::sync::Notify::new());
-        let outbox = Outbox { store: store.clone(), wake: wake.clone() };
+        let outbox = Outbox {
+            store: store.clone(),
+            wake: wake.clone(),
+        };
         let mut monitors = Vec::with_capacity(config.monitors.len());
         for m in &config.monitors {
-            let monitor = Monitor::start(m.clone(), outbox.clone(), config.queue_batches, config.checkpoint_every)
-                .map_err(|source| ServiceError::Monitor { monitor: m.name.clone(), source })?;
+            let monitor = Monitor::start(
+                m.clone(),
+                outbox.clone(),
+                config.queue_batches,
+                config.checkpoint_every,
+            )
+            .map_err(|source| ServiceError::Monitor {
+                monitor: m.name.clone(),
+                source,
+            })?;
             monitors.push(monitor);
         }
-        let actions = config.monitors.iter().map(|m| (m.name.clone(), m.actions.clone())).collect();
+        let actions = config
+            .monitors
+            .iter()
+            .map(|m| (m.name.clone(), m.actions.clone()))
+            .collect();
         Ok(Arc::new(Service {
             config,
             monitor_set: parking_lot::RwLock::new(Arc::new(monitors)),
@@ -150,7 +167,10 @@ impl Service {
 
     /// The monitor named `name`.
     pub fn monitor(&self, name: &str) -> Option<Arc<Monitor>> {
-        self.monitors().iter().find(|m| m.config.name == name).cloned()
+        self.monitors()
+            .iter()
+            .find(|m| m.config.name == name)
+            .cloned()
     }
 
     /// Sets the configuration file that [`reload`](Self::reload) reads.
@@ -173,17 +193,30 @@ impl Service {
         if self.shutting_down() {
             return Err("the service is shutting down".into());
         }
-        let path = self.config_path.lock().clone().ok_or("the service runs without a config file (--config); nothing to reload")?;
+        let path = self
+            .config_path
+            .lock()
+            .clone()
+            .ok_or("the service runs without a config file (--config); nothing to reload")?;
         let new = ServiceConfig::load(&path).map_err(|e| e.to_string())?;
         let mut report = ReloadReport::default();
         let old = &self.config;
         for (key, changed) in [
             ("queue_batches", new.queue_batches != old.queue_batches),
-            ("checkpoint_every", new.checkpoint_every != old.checkpoint_every),
+            (
+                "checkpoint_every",
+                new.checkpoint_every != old.checkpoint_every,
+            ),
             ("max_body_bytes", new.max_body_bytes != old.max_body_bytes),
-            ("admin_token_env", new.admin_token_env != old.admin_token_env),
+            (
+                "admin_token_env",
+                new.admin_token_env != old.admin_token_env,
+            ),
             ("watch_interval", new.watch_interval != old.watch_interval),
-            ("canonicalize_nans", new.canonicalize_nans != old.canonicalize_nans),
+            (
+                "canonicalize_nans",
+                new.canonicalize_nans != old.canonicalize_nans,
+            ),
         ] {
             if changed {
                 report.needs_restart.push(key.to_string());
@@ -195,14 +228,20 @@ impl Service {
         for m in &new.monitors {
             let same = current.iter().any(|c| c.config == *m);
             if !same {
-                let source = m.strategy.parse().map_err(|e| format!("monitor `{}`: {e}", m.name))?;
+                let source = m
+                    .strategy
+                    .parse()
+                    .map_err(|e| format!("monitor `{}`: {e}", m.name))?;
                 crate::runtime::StrategyComponent::load(&source)
                     .and_then(|c| c.instantiate(&m.config_json(), m.limits.limits()))
                     .map_err(|e| format!("monitor `{}`: {e}", m.name))?;
             }
         }
         self.stop_watcher();
-        let outbox = Outbox { store: self.store.clone(), wake: self.wake.clone() };
+        let outbox = Outbox {
+            store: self.store.clone(),
+            wake: self.wake.clone(),
+        };
         let mut next: Vec<Arc<Monitor>> = Vec::with_capacity(new.monitors.len());
         let mut failed = None;
         for m in &new.monitors {
@@ -223,13 +262,20 @@ impl Service {
                             match self.store.clear_states(&m.name) {
                                 Ok(n) if n > 0 => report.started_fresh.push(m.name.clone()),
                                 Ok(_) => {}
-                                Err(e) => tracing::error!(monitor = %m.name, "cannot forget the old detector state: {e}"),
+                                Err(e) => {
+                                    tracing::error!(monitor = %m.name, "cannot forget the old detector state: {e}")
+                                }
                             }
                         }
                     } else {
                         report.added.push(m.name.clone());
                     }
-                    match Monitor::start(m.clone(), outbox.clone(), self.config.queue_batches, self.config.checkpoint_every) {
+                    match Monitor::start(
+                        m.clone(),
+                        outbox.clone(),
+                        self.config.queue_batches,
+                        self.config.checkpoint_every,
+                    ) {
                         Ok(started) => next.push(started),
                         Err(e) => {
                             failed = Some(format!("monitor `{}` did not start: {e}", m.name));
@@ -242,17 +288,26 @@ impl Service {
         if failed.is_some() {
             // Keep what was not reached yet.
             for c in current.iter() {
-                if !next.iter().any(|n| n.config.name == c.config.name) && !report.restarted.contains(&c.config.name) {
+                if !next.iter().any(|n| n.config.name == c.config.name)
+                    && !report.restarted.contains(&c.config.name)
+                {
                     next.push(c.clone());
                 }
             }
         } else {
-            for c in current.iter().filter(|c| !new.monitors.iter().any(|m| m.name == c.config.name)) {
+            for c in current
+                .iter()
+                .filter(|c| !new.monitors.iter().any(|m| m.name == c.config.name))
+            {
                 c.stop();
                 report.removed.push(c.config.name.clone());
             }
         }
-        *self.actions.write() = new.monitors.iter().map(|m| (m.name.clone(), m.actions.clone())).collect();
+        *self.actions.write() = new
+            .monitors
+            .iter()
+            .map(|m| (m.name.clone(), m.actions.clone()))
+            .collect();
         *self.monitor_set.write() = Arc::new(next);
         self.start_watcher();
         tracing::warn!(?report, "configuration reloaded from {}", path.display());
@@ -267,7 +322,9 @@ impl Service {
             return;
         }
         let stop = Arc::new(AtomicBool::new(false));
-        if let Some(handle) = watch::spawn(&self.monitors(), self.config.watch_interval, stop.clone()) {
+        if let Some(handle) =
+            watch::spawn(&self.monitors(), self.config.watch_interval, stop.clone())
+        {
             *self.watcher.lock() = Some((stop, handle));
         }
     }
@@ -308,7 +365,11 @@ impl Service {
         let targets: Vec<(&Arc<Monitor>, u64)> = monitors
             .iter()
             .filter_map(|m| {
-                let n: u64 = models.iter().filter(|(model, _)| m.config.selects(model)).map(|(_, n)| n).sum();
+                let n: u64 = models
+                    .iter()
+                    .filter(|(model, _)| m.config.selects(model))
+                    .map(|(_, n)| n)
+                    .sum();
                 (n > 0).then_some((m, n))
             })
             .collect();
@@ -324,7 +385,9 @@ impl Service {
         if let Some((busy, _)) = targets.iter().find(|(m, _)| !m.has_room() && !m.failing()) {
             return Err(busy.config.name.clone());
         }
-        let seq = self.sequence.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let seq = self
+            .sequence
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
         let batch = Arc::new(batch);
         for (m, n) in targets {
             if !m.has_room() {
@@ -346,7 +409,11 @@ impl Service {
     /// # Errors
     ///
     /// [`ServiceError::Http`] if the server fails.
-    pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener, shutdown: CancellationToken) -> Result<(), ServiceError> {
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServiceError> {
         let deliver_stop = CancellationToken::new();
         let deliverer = actions::Deliverer {
             store: self.store.clone(),
@@ -390,7 +457,12 @@ impl Service {
         self.wake.notify_one();
         tokio::time::sleep(Duration::from_millis(200)).await;
         let grace = tokio::time::timeout(Duration::from_secs(5), async {
-            while self.store.due_deliveries(store::now_ms(), 1).map(|d| !d.is_empty()).unwrap_or(false) {
+            while self
+                .store
+                .due_deliveries(store::now_ms(), 1)
+                .map(|d| !d.is_empty())
+                .unwrap_or(false)
+            {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })

@@ -14,11 +14,16 @@ use serde::Serialize;
 
 use super::config::MonitorConfig;
 use super::store::{NewSignal, Store};
-use crate::runtime::{ComponentMeta, LoadError, PointBatch, StrategyComponent, StrategyInfo, StrategyInstance, VerdictKind};
+use crate::runtime::{
+    ComponentMeta, LoadError, PointBatch, StrategyComponent, StrategyInfo, StrategyInstance,
+    VerdictKind,
+};
 use crate::snapshot::Observation;
 
 /// Upper bounds (seconds) of the strategy call latency histogram.
-pub const LATENCY_BUCKETS: [f64; 10] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0];
+pub const LATENCY_BUCKETS: [f64; 10] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0,
+];
 
 /// Counters of one monitor (all monotonic except `queued`).
 #[derive(Debug, Default)]
@@ -153,7 +158,10 @@ pub struct ShadowAgreement {
 pub fn agreement(shadow: &Monitor, primary: &Monitor) -> ShadowAgreement {
     use crate::replay::ReplaySignal;
     let (s, p) = (shadow.verdicts.lock(), primary.verdicts.lock());
-    let window = (s.complete_from.max(p.complete_from), s.through.min(p.through));
+    let window = (
+        s.complete_from.max(p.complete_from),
+        s.through.min(p.through),
+    );
     let both = |model: &str| shadow.config.selects(model) && primary.config.selects(model);
     let signals = |r: &RecentVerdicts| -> Vec<ReplaySignal> {
         r.verdicts
@@ -248,7 +256,9 @@ pub struct Monitor {
 
 impl std::fmt::Debug for Monitor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Monitor").field("name", &self.config.name).finish_non_exhaustive()
+        f.debug_struct("Monitor")
+            .field("name", &self.config.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -261,9 +271,17 @@ enum Message {
     Resume,
     /// Validate a compiled candidate and, if it passes, serve it from the
     /// next batch on (with `config`, else the current configuration).
-    Swap { component: StrategyComponent, config: Option<String>, trigger: String, reply: mpsc::Sender<Result<SwapReport, String>> },
+    Swap {
+        component: StrategyComponent,
+        config: Option<String>,
+        trigger: String,
+        reply: mpsc::Sender<Result<SwapReport, String>>,
+    },
     /// Serve the previous version again.
-    Rollback { trigger: String, reply: mpsc::Sender<Result<SwapReport, String>> },
+    Rollback {
+        trigger: String,
+        reply: mpsc::Sender<Result<SwapReport, String>>,
+    },
 }
 
 /// Saved detector states: model and bytes.
@@ -395,7 +413,9 @@ impl Monitor {
         let tx = self.tx.lock();
         let Some(tx) = tx.as_ref() else { return false };
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        self.stats.points_accepted.fetch_add(selected, Ordering::Relaxed);
+        self.stats
+            .points_accepted
+            .fetch_add(selected, Ordering::Relaxed);
         if tx.send(Message::Batch(batch, seq)).is_err() {
             self.stats.queued.fetch_sub(1, Ordering::Relaxed);
             return false;
@@ -406,7 +426,10 @@ impl Monitor {
     /// Takes the monitor out of quarantine (a fresh instance restored from
     /// the last checkpoint). Returns false when it is stopped.
     pub fn resume(&self) -> bool {
-        self.tx.lock().as_ref().is_some_and(|tx| tx.send(Message::Resume).is_ok())
+        self.tx
+            .lock()
+            .as_ref()
+            .is_some_and(|tx| tx.send(Message::Resume).is_ok())
     }
 
     /// Asks the worker to validate `component` and serve it from the next
@@ -415,10 +438,23 @@ impl Monitor {
     /// # Errors
     ///
     /// Why the candidate was refused (the running strategy keeps serving).
-    pub fn swap(&self, component: StrategyComponent, config: Option<String>, trigger: &str, wait: Duration) -> Result<SwapReport, String> {
+    pub fn swap(
+        &self,
+        component: StrategyComponent,
+        config: Option<String>,
+        trigger: &str,
+        wait: Duration,
+    ) -> Result<SwapReport, String> {
         let (reply, rx) = mpsc::channel();
-        self.send_control(Message::Swap { component, config, trigger: trigger.to_string(), reply })?;
-        rx.recv_timeout(wait).map_err(|_| "the monitor did not answer in time; the swap may still happen".to_string())?
+        self.send_control(Message::Swap {
+            component,
+            config,
+            trigger: trigger.to_string(),
+            reply,
+        })?;
+        rx.recv_timeout(wait).map_err(|_| {
+            "the monitor did not answer in time; the swap may still happen".to_string()
+        })?
     }
 
     /// Asks the worker to serve the previous version again.
@@ -428,8 +464,13 @@ impl Monitor {
     /// Why it could not (no previous version, or it fails validation).
     pub fn rollback(&self, trigger: &str, wait: Duration) -> Result<SwapReport, String> {
         let (reply, rx) = mpsc::channel();
-        self.send_control(Message::Rollback { trigger: trigger.to_string(), reply })?;
-        rx.recv_timeout(wait).map_err(|_| "the monitor did not answer in time; the rollback may still happen".to_string())?
+        self.send_control(Message::Rollback {
+            trigger: trigger.to_string(),
+            reply,
+        })?;
+        rx.recv_timeout(wait).map_err(|_| {
+            "the monitor did not answer in time; the rollback may still happen".to_string()
+        })?
     }
 
     /// Records a candidate refused before it reached the monitor (it did not
@@ -456,8 +497,11 @@ impl Monitor {
 
     fn send_control(&self, m: Message) -> Result<(), String> {
         let tx = self.tx.lock();
-        let tx = tx.as_ref().ok_or_else(|| "the monitor is stopping".to_string())?;
-        tx.send(m).map_err(|_| "the monitor is stopping".to_string())
+        let tx = tx
+            .as_ref()
+            .ok_or_else(|| "the monitor is stopping".to_string())?;
+        tx.send(m)
+            .map_err(|_| "the monitor is stopping".to_string())
     }
 
     /// Whether its strategy is failing (last call failed) or quarantined.
@@ -510,7 +554,8 @@ impl Monitor {
             shadow: self.config.shadow,
             points_accepted: accepted,
             points_evaluated: evaluated,
-            lag_points: accepted.saturating_sub(evaluated + s.points_skipped.load(Ordering::Relaxed)),
+            lag_points: accepted
+                .saturating_sub(evaluated + s.points_skipped.load(Ordering::Relaxed)),
             verdicts_warn: s.verdicts_warn.load(Ordering::Relaxed),
             verdicts_retrain: s.verdicts_retrain.load(Ordering::Relaxed),
             signals: s.signals.load(Ordering::Relaxed),
@@ -522,7 +567,10 @@ impl Monitor {
             queued_batches: queued,
             last_error: s.last_error.lock().clone(),
             last_swap: serving.last_swap.clone(),
-            previous_strategy: serving.previous.as_ref().map(|(i, m)| strategy_status(i, m)),
+            previous_strategy: serving
+                .previous
+                .as_ref()
+                .map(|(i, m)| strategy_status(i, m)),
             probation_until_ms: serving.probation_until_ms,
             agreement: None,
         }
@@ -533,15 +581,22 @@ fn restore_states(instance: &mut StrategyInstance, store: &Store, monitor: &str)
     let states = match store.load_states(monitor) {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!(monitor, "cannot read saved detector state: {e}; starting fresh");
+            tracing::error!(
+                monitor,
+                "cannot read saved detector state: {e}; starting fresh"
+            );
             return;
         }
     };
     for (model, _sha, bytes) in states {
         match instance.restore(&model, &bytes) {
             Ok(Ok(())) => tracing::info!(monitor, model = %model, "detector state restored"),
-            Ok(Err(why)) => tracing::warn!(monitor, model = %model, "saved state not accepted ({why}); starting fresh"),
-            Err(e) => tracing::error!(monitor, model = %model, "restoring state failed: {e}; starting fresh"),
+            Ok(Err(why)) => {
+                tracing::warn!(monitor, model = %model, "saved state not accepted ({why}); starting fresh")
+            }
+            Err(e) => {
+                tracing::error!(monitor, model = %model, "restoring state failed: {e}; starting fresh")
+            }
         }
     }
 }
@@ -580,15 +635,32 @@ impl Worker {
         let mut last_seen: HashMap<String, Instant> = HashMap::new();
         let mut stale: HashSet<String> = HashSet::new();
         let mut last_checkpoint = Instant::now();
-        let tick = self.config.stale_after.map_or(Duration::from_millis(500), |s| (s / 4).max(Duration::from_millis(10)));
+        let tick = self
+            .config
+            .stale_after
+            .map_or(Duration::from_millis(500), |s| {
+                (s / 4).max(Duration::from_millis(10))
+            });
         loop {
             match rx.recv_timeout(tick.min(self.checkpoint_every)) {
                 Ok(Message::Batch(batch, seq)) => {
-                    self.evaluate(&batch, seq, &mut selected, &mut last_signal, &mut last_seen, &mut stale);
+                    self.evaluate(
+                        &batch,
+                        seq,
+                        &mut selected,
+                        &mut last_signal,
+                        &mut last_seen,
+                        &mut stale,
+                    );
                     self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                     self.remember(batch);
                 }
-                Ok(Message::Swap { component, config, trigger, reply }) => {
+                Ok(Message::Swap {
+                    component,
+                    config,
+                    trigger,
+                    reply,
+                }) => {
                     let result = self.swap(component, config, &trigger, true);
                     let _ = reply.send(result);
                 }
@@ -659,14 +731,20 @@ impl Worker {
         let mut points = PointBatch::new();
         for (model, positions) in groups {
             if self.stats.quarantined.load(Ordering::Relaxed) {
-                self.stats.points_skipped.fetch_add(positions.len() as u64, Ordering::Relaxed);
+                self.stats
+                    .points_skipped
+                    .fetch_add(positions.len() as u64, Ordering::Relaxed);
                 continue;
             }
             // Stopping with a failing strategy: draining through it (a
             // deadline per batch, then back-off) could hold the shutdown up
             // for hours, and a failing call yields no verdicts anyway.
-            if self.stopping.load(Ordering::Relaxed) && self.stats.consecutive_failures.load(Ordering::Relaxed) > 0 {
-                self.stats.points_skipped.fetch_add(positions.len() as u64, Ordering::Relaxed);
+            if self.stopping.load(Ordering::Relaxed)
+                && self.stats.consecutive_failures.load(Ordering::Relaxed) > 0
+            {
+                self.stats
+                    .points_skipped
+                    .fetch_add(positions.len() as u64, Ordering::Relaxed);
                 self.skipped_at_stop += positions.len() as u64;
                 continue;
             }
@@ -685,12 +763,16 @@ impl Worker {
                 Ok(v) => v,
                 Err(e) => {
                     self.failed(model, &e, positions.iter().map(|&i| &batch[i]));
-                    self.stats.points_evaluated.fetch_add(positions.len() as u64, Ordering::Relaxed);
+                    self.stats
+                        .points_evaluated
+                        .fetch_add(positions.len() as u64, Ordering::Relaxed);
                     continue;
                 }
             };
             self.stats.consecutive_failures.store(0, Ordering::Relaxed);
-            self.stats.points_evaluated.fetch_add(positions.len() as u64, Ordering::Relaxed);
+            self.stats
+                .points_evaluated
+                .fetch_add(positions.len() as u64, Ordering::Relaxed);
             for v in verdicts {
                 let obs = &batch[positions[v.index]];
                 match v.kind {
@@ -699,7 +781,9 @@ impl Worker {
                     }
                     VerdictKind::Retrain => {
                         self.stats.verdicts_retrain.fetch_add(1, Ordering::Relaxed);
-                        self.verdicts.lock().push(model, seq + positions[v.index] as u64);
+                        self.verdicts
+                            .lock()
+                            .push(model, seq + positions[v.index] as u64);
                         let now = Instant::now();
                         if let Some(at) = last_signal.get(model)
                             && now.duration_since(*at) < self.config.cooldown
@@ -720,9 +804,18 @@ impl Worker {
 
     /// A failed call: record it with its batch, then restart with back-off,
     /// or quarantine after `max_failures` consecutive failures.
-    fn failed<'a>(&mut self, model: &str, e: &crate::runtime::StrategyError, batch: impl Iterator<Item = &'a Observation>) {
+    fn failed<'a>(
+        &mut self,
+        model: &str,
+        e: &crate::runtime::StrategyError,
+        batch: impl Iterator<Item = &'a Observation>,
+    ) {
         self.stats.traps.fetch_add(1, Ordering::Relaxed);
-        let failures = self.stats.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let failures = self
+            .stats
+            .consecutive_failures
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
         let message = format!("monitor `{}`: {e}", self.config.name);
         tracing::error!(model, "{message}; the batch's verdicts are lost");
         *self.stats.last_error.lock() = Some(message.clone());
@@ -752,10 +845,14 @@ impl Worker {
         {
             *n += 1;
             if *n >= self.config.probation_failures && self.previous.is_some() {
-                let trigger = format!("rollback (automatic: {n} failures within the probation of a new version)");
+                let trigger = format!(
+                    "rollback (automatic: {n} failures within the probation of a new version)"
+                );
                 match self.rollback(&trigger) {
                     Ok(_) => return,
-                    Err(why) => tracing::error!(monitor = %self.config.name, "automatic rollback failed: {why}"),
+                    Err(why) => {
+                        tracing::error!(monitor = %self.config.name, "automatic rollback failed: {why}")
+                    }
                 }
             }
         }
@@ -780,7 +877,11 @@ impl Worker {
             return;
         }
         let exp = u32::try_from(failures - 1).unwrap_or(u32::MAX).min(16);
-        let delay = self.config.restart_backoff.saturating_mul(1 << exp).min(Duration::from_secs(30));
+        let delay = self
+            .config
+            .restart_backoff
+            .saturating_mul(1 << exp)
+            .min(Duration::from_secs(30));
         let until = Instant::now() + delay;
         while !self.stopping.load(Ordering::Relaxed) {
             let left = until.saturating_duration_since(Instant::now());
@@ -795,13 +896,24 @@ impl Worker {
     fn observe_call(&self, took: Duration) {
         let s = &self.stats;
         let c = self.instance.counters();
-        s.log_lines_dropped.fetch_add(c.log_lines_dropped.swap(0, Ordering::Relaxed), Ordering::Relaxed);
-        s.output_bytes_dropped.fetch_add(c.output_bytes_dropped.swap(0, Ordering::Relaxed), Ordering::Relaxed);
+        s.log_lines_dropped.fetch_add(
+            c.log_lines_dropped.swap(0, Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        s.output_bytes_dropped.fetch_add(
+            c.output_bytes_dropped.swap(0, Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
         s.calls.fetch_add(1, Ordering::Relaxed);
-        s.call_nanos.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
-        s.fuel.fetch_add(self.instance.last_fuel(), Ordering::Relaxed);
+        s.call_nanos
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        s.fuel
+            .fetch_add(self.instance.last_fuel(), Ordering::Relaxed);
         let secs = took.as_secs_f64();
-        let bucket = LATENCY_BUCKETS.iter().position(|&b| secs <= b).unwrap_or(LATENCY_BUCKETS.len());
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
         s.call_buckets[bucket].fetch_add(1, Ordering::Relaxed);
     }
 
@@ -837,7 +949,12 @@ impl Worker {
         }
     }
 
-    fn check_stale(&self, after: Duration, last_seen: &HashMap<String, Instant>, stale: &mut HashSet<String>) {
+    fn check_stale(
+        &self,
+        after: Duration,
+        last_seen: &HashMap<String, Instant>,
+        stale: &mut HashSet<String>,
+    ) {
         for (model, seen) in last_seen {
             let silent = seen.elapsed();
             if silent > after && !stale.contains(model) {
@@ -850,7 +967,9 @@ impl Worker {
                     kind: "stale".into(),
                     reason: format!(
                         "no snapshot of `{model}` for {} (stale_after {})",
-                        humantime::format_duration(Duration::from_millis(silent.as_millis() as u64)),
+                        humantime::format_duration(
+                            Duration::from_millis(silent.as_millis() as u64)
+                        ),
                         humantime::format_duration(after)
                     ),
                     score: 0.0,
@@ -883,7 +1002,11 @@ impl Worker {
                 }
             }
         }
-        if let Err(e) = self.outbox.store.save_states(&self.config.name, &self.meta.sha256, &states) {
+        if let Err(e) = self
+            .outbox
+            .store
+            .save_states(&self.config.name, &self.meta.sha256, &states)
+        {
             tracing::error!(monitor = %self.config.name, "checkpoint failed: {e}");
         }
     }
@@ -903,7 +1026,13 @@ impl Worker {
     /// run over the recent snapshots when `dry_run`), moves the detector
     /// state across where the candidate accepts it, and serves it from the
     /// next batch on. The running strategy keeps serving when it is refused.
-    fn swap(&mut self, component: StrategyComponent, config: Option<String>, trigger: &str, dry_run: bool) -> Result<SwapReport, String> {
+    fn swap(
+        &mut self,
+        component: StrategyComponent,
+        config: Option<String>,
+        trigger: &str,
+        dry_run: bool,
+    ) -> Result<SwapReport, String> {
         let json = config.unwrap_or_else(|| self.json.clone());
         let old = strategy_status(&self.info, &self.meta);
         let candidate_status = |info: Option<&StrategyInfo>| StrategyStatus {
@@ -912,7 +1041,11 @@ impl Worker {
             version: info.map(|i| i.version.clone()).unwrap_or_default(),
             sha256: component.meta().sha256.clone(),
         };
-        let fallback = if trigger.starts_with("rollback") { std::mem::take(&mut self.previous_states) } else { Vec::new() };
+        let fallback = if trigger.starts_with("rollback") {
+            std::mem::take(&mut self.previous_states)
+        } else {
+            Vec::new()
+        };
         let result = self.validate_and_migrate(&component, &json, dry_run, &fallback);
         let (mut instance, detail, old_states) = match result {
             Ok(ok) => ok,
@@ -952,13 +1085,23 @@ impl Worker {
             serving.meta = self.meta.clone();
             serving.previous = Some((old_info, old_meta));
             serving.last_swap = Some(format!("{trigger}: {detail}"));
-            serving.probation_until_ms = self
-                .probation
-                .map(|_| super::store::now_ms() + i64::try_from(probation.as_millis()).unwrap_or(i64::MAX));
+            serving.probation_until_ms = self.probation.map(|_| {
+                super::store::now_ms() + i64::try_from(probation.as_millis()).unwrap_or(i64::MAX)
+            });
         }
         self.checkpoint();
         tracing::warn!(monitor = %self.config.name, trigger, old = %old.sha256, new = %new.sha256, "strategy swapped: {detail}");
-        self.record_swap(trigger, if trigger.starts_with("rollback") { "rolled_back" } else { "swapped" }, &old, &new, &detail);
+        self.record_swap(
+            trigger,
+            if trigger.starts_with("rollback") {
+                "rolled_back"
+            } else {
+                "swapped"
+            },
+            &old,
+            &new,
+            &detail,
+        );
         Ok(SwapReport { old, new, detail })
     }
 
@@ -970,9 +1113,13 @@ impl Worker {
         fallback: &[(String, Vec<u8>)],
     ) -> Result<(StrategyInstance, String, States), String> {
         let limits = self.config.limits.limits();
-        let mut candidate = component.instantiate(json, limits.clone()).map_err(|e| format!("candidate refused: {e}"))?;
+        let mut candidate = component
+            .instantiate(json, limits.clone())
+            .map_err(|e| format!("candidate refused: {e}"))?;
         if dry_run && self.recent_points > 0 {
-            let mut dry = component.instantiate(json, limits).map_err(|e| format!("candidate refused: {e}"))?;
+            let mut dry = component
+                .instantiate(json, limits)
+                .map_err(|e| format!("candidate refused: {e}"))?;
             let mut points = PointBatch::new();
             let mut n = 0;
             for batch in &self.recent {
@@ -989,8 +1136,9 @@ impl Worker {
                         points.push(o);
                     }
                     n += points.len();
-                    dry.evaluate(model, &points)
-                        .map_err(|e| format!("candidate refused: dry run on {n} recent snapshot(s) failed: {e}"))?;
+                    dry.evaluate(model, &points).map_err(|e| {
+                        format!("candidate refused: dry run on {n} recent snapshot(s) failed: {e}")
+                    })?;
                 }
             }
         }
@@ -998,7 +1146,14 @@ impl Worker {
         // the last checkpoint.
         let mut states: Vec<(String, Vec<u8>)> = Vec::new();
         if self.instance.is_poisoned() {
-            states = self.outbox.store.load_states(&self.config.name).map_or_else(|_| Vec::new(), |v| v.into_iter().map(|(m, _, b)| (m, b)).collect());
+            states = self
+                .outbox
+                .store
+                .load_states(&self.config.name)
+                .map_or_else(
+                    |_| Vec::new(),
+                    |v| v.into_iter().map(|(m, _, b)| (m, b)).collect(),
+                );
         } else {
             let models: Vec<String> = self.instance.models().map(str::to_string).collect();
             for model in models {
@@ -1010,33 +1165,48 @@ impl Worker {
         if json != self.json {
             // Saved state embeds the configuration it was made with.
             let n = states.len();
-            return Ok((candidate, format!("new configuration: detectors start fresh ({n} model(s) had state)"), states));
+            return Ok((
+                candidate,
+                format!("new configuration: detectors start fresh ({n} model(s) had state)"),
+                states,
+            ));
         }
         let (mut moved, mut fresh) = (0, Vec::new());
         for (model, bytes) in &states {
             match candidate.restore(model, bytes) {
                 Ok(Ok(())) => moved += 1,
                 Ok(Err(why)) => fresh.push((model.clone(), why)),
-                Err(e) => return Err(format!("candidate refused: restoring the state of `{model}` failed: {e}")),
+                Err(e) => {
+                    return Err(format!(
+                        "candidate refused: restoring the state of `{model}` failed: {e}"
+                    ));
+                }
             }
         }
         // A rollback: the version rolled back to had these states when it
         // was swapped out; they fit it where the newer version's do not.
         let mut fallback_used = 0;
         for (model, bytes) in fallback {
-            let missing = !states.iter().any(|(m, _)| m == model) || fresh.iter().any(|(m, _)| m == model);
+            let missing =
+                !states.iter().any(|(m, _)| m == model) || fresh.iter().any(|(m, _)| m == model);
             if missing && let Ok(Ok(())) = candidate.restore(model, bytes) {
                 fresh.retain(|(m, _)| m != model);
                 fallback_used += 1;
             }
         }
-        let fresh: Vec<String> = fresh.into_iter().map(|(m, why)| format!("{m} ({why})")).collect();
+        let fresh: Vec<String> = fresh
+            .into_iter()
+            .map(|(m, why)| format!("{m} ({why})"))
+            .collect();
         let moved = moved + fallback_used;
         let detail = match (moved, fresh.len()) {
             (0, 0) => "no detector state to move".to_string(),
             (m, 0) => format!("detector state moved for {m} model(s)"),
             (0, _) => format!("started fresh for {}", fresh.join(", ")),
-            (m, _) => format!("detector state moved for {m} model(s); started fresh for {}", fresh.join(", ")),
+            (m, _) => format!(
+                "detector state moved for {m} model(s); started fresh for {}",
+                fresh.join(", ")
+            ),
         };
         Ok((candidate, detail, states))
     }
@@ -1049,7 +1219,14 @@ impl Worker {
         self.swap(component, Some(json), trigger, false)
     }
 
-    fn record_swap(&self, trigger: &str, outcome: &str, old: &StrategyStatus, new: &StrategyStatus, detail: &str) {
+    fn record_swap(
+        &self,
+        trigger: &str,
+        outcome: &str,
+        old: &StrategyStatus,
+        new: &StrategyStatus,
+        detail: &str,
+    ) {
         let record = super::store::SwapRecord {
             created: 0,
             monitor: self.config.name.clone(),
@@ -1067,12 +1244,17 @@ impl Worker {
     }
 
     fn restart(&mut self) {
-        match self.component.instantiate(&self.json, self.config.limits.limits()) {
+        match self
+            .component
+            .instantiate(&self.json, self.config.limits.limits())
+        {
             Ok(mut fresh) => {
                 restore_states(&mut fresh, &self.outbox.store, &self.config.name);
                 self.instance = fresh;
             }
-            Err(e) => tracing::error!(monitor = %self.config.name, "cannot restart the strategy: {e}"),
+            Err(e) => {
+                tracing::error!(monitor = %self.config.name, "cannot restart the strategy: {e}")
+            }
         }
     }
 }

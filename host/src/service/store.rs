@@ -243,10 +243,13 @@ impl Store {
     ///
     /// [`StoreError`] if the file cannot be opened or migrated.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = Connection::open(path).map_err(|e| StoreError(format!("cannot open `{}`: {e}", path.display())))?;
+        let conn = Connection::open(path)
+            .map_err(|e| StoreError(format!("cannot open `{}`: {e}", path.display())))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Store { conn: Arc::new(Mutex::new(conn)) })
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+        })
     }
 
     /// Records a signal and one pending delivery per action (`actions` are
@@ -349,12 +352,20 @@ impl Store {
         let mut stmt = conn.prepare_cached(&sql)?;
         let limit = q.limit.unwrap_or(100).min(10_000) as i64;
         let rows: Vec<_> = stmt
-            .query_map(params![q.monitor, q.model, q.since, limit], Self::signal_from_row)?
+            .query_map(
+                params![q.monitor, q.model, q.since, limit],
+                Self::signal_from_row,
+            )?
             .collect::<Result<_, _>>()?;
         drop(stmt);
         rows.into_iter()
             .map(|(id, created, signal)| {
-                Ok(SignalRecord { id, created, signal, deliveries: Self::deliveries_of(&conn, id)? })
+                Ok(SignalRecord {
+                    id,
+                    created,
+                    signal,
+                    deliveries: Self::deliveries_of(&conn, id)?,
+                })
             })
             .collect()
     }
@@ -371,16 +382,30 @@ impl Store {
              ORDER BY next_attempt_ms, signal_id, action LIMIT ?2",
         )?;
         let due: Vec<(i64, i64, i64)> = stmt
-            .query_map(params![now, limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .query_map(params![now, limit as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
             .collect::<Result<_, _>>()?;
         drop(stmt);
         let mut out = Vec::with_capacity(due.len());
         for (signal_id, action, attempts) in due {
             let sql = format!("SELECT {} FROM signals WHERE id = ?1", Self::SIGNAL_COLUMNS);
-            let row = conn.query_row(&sql, [signal_id], Self::signal_from_row).optional()?;
+            let row = conn
+                .query_row(&sql, [signal_id], Self::signal_from_row)
+                .optional()?;
             if let Some((id, created, signal)) = row {
                 let deliveries = Self::deliveries_of(&conn, id)?;
-                out.push(DueDelivery { signal_id, action, attempts, signal: SignalRecord { id, created, signal, deliveries } });
+                out.push(DueDelivery {
+                    signal_id,
+                    action,
+                    attempts,
+                    signal: SignalRecord {
+                        id,
+                        created,
+                        signal,
+                        deliveries,
+                    },
+                });
             }
         }
         Ok(out)
@@ -422,7 +447,9 @@ impl Store {
     /// [`StoreError`].
     pub fn delivery_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
         let conn = self.conn.lock();
-        let mut stmt = conn.prepare_cached("SELECT state, COUNT(*) FROM deliveries GROUP BY state ORDER BY state")?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT state, COUNT(*) FROM deliveries GROUP BY state ORDER BY state",
+        )?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -447,7 +474,11 @@ impl Store {
     /// # Errors
     ///
     /// [`StoreError`].
-    pub fn failures(&self, monitor: Option<&str>, limit: usize) -> Result<Vec<FailureRecord>, StoreError> {
+    pub fn failures(
+        &self,
+        monitor: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<FailureRecord>, StoreError> {
         let conn = self.conn.lock();
         let mut stmt = conn.prepare_cached(
             "SELECT created_ms, monitor, model, strategy_sha256, fault, error, batch FROM failures \
@@ -487,7 +518,11 @@ impl Store {
     /// # Errors
     ///
     /// [`StoreError`].
-    pub fn swaps(&self, monitor: Option<&str>, limit: usize) -> Result<Vec<SwapRecord>, StoreError> {
+    pub fn swaps(
+        &self,
+        monitor: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<SwapRecord>, StoreError> {
         let conn = self.conn.lock();
         let mut stmt = conn.prepare_cached(
             "SELECT created_ms, monitor, trigger, outcome, old_sha256, old_version, new_sha256, new_version, detail \
@@ -514,7 +549,12 @@ impl Store {
     /// # Errors
     ///
     /// [`StoreError`].
-    pub fn save_states(&self, monitor: &str, sha256: &str, states: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+    pub fn save_states(
+        &self,
+        monitor: &str,
+        sha256: &str,
+        states: &[(String, Vec<u8>)],
+    ) -> Result<(), StoreError> {
         let mut conn = self.conn.lock();
         let tx = conn.transaction()?;
         let now = now_ms();
@@ -541,7 +581,10 @@ impl Store {
     ///
     /// [`StoreError`].
     pub fn clear_states(&self, monitor: &str) -> Result<usize, StoreError> {
-        Ok(self.conn.lock().execute("DELETE FROM detector_state WHERE monitor = ?1", [monitor])?)
+        Ok(self
+            .conn
+            .lock()
+            .execute("DELETE FROM detector_state WHERE monitor = ?1", [monitor])?)
     }
 
     /// The saved detector states of `monitor`: model, component SHA-256, bytes.

@@ -36,7 +36,11 @@ fn signature(path: &std::path::Path) -> std::io::Result<Signature> {
 
 /// Starts the watcher thread over every monitor with a file strategy; it
 /// ends when `stop` is set. `None` when no monitor has one.
-pub fn spawn(monitors: &[Arc<Monitor>], every: Duration, stop: Arc<AtomicBool>) -> Option<std::thread::JoinHandle<()>> {
+pub fn spawn(
+    monitors: &[Arc<Monitor>],
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> Option<std::thread::JoinHandle<()>> {
     let mut watched: Vec<Watched> = monitors
         .iter()
         .filter_map(|m| match m.config.strategy.parse::<StrategySource>() {
@@ -104,8 +108,12 @@ fn poll(w: &mut Watched) {
     let name = &w.monitor.config.name;
     match StrategyComponent::from_bytes(Runtime::shared(), label, &bytes) {
         Ok(component) => match w.monitor.swap(component, None, "file change", SWAP_WAIT) {
-            Ok(report) => tracing::warn!(monitor = %name, new = %report.new.sha256, "strategy file changed: now serving {} {}", report.new.name, report.new.version),
-            Err(reason) => tracing::error!(monitor = %name, "strategy file changed but {reason}; the running strategy keeps serving"),
+            Ok(report) => {
+                tracing::warn!(monitor = %name, new = %report.new.sha256, "strategy file changed: now serving {} {}", report.new.name, report.new.version)
+            }
+            Err(reason) => {
+                tracing::error!(monitor = %name, "strategy file changed but {reason}; the running strategy keeps serving")
+            }
         },
         Err(e) => {
             let reason = format!("candidate refused: {e}");

@@ -47,7 +47,14 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { delta: 0.002, clock: 32, max_buckets: 5, min_window_length: 5, grace_period: 10, watch: Watch::Score }
+        Config {
+            delta: 0.002,
+            clock: 32,
+            max_buckets: 5,
+            min_window_length: 5,
+            grace_period: 10,
+            watch: Watch::Score,
+        }
     }
 }
 
@@ -88,7 +95,9 @@ struct LevelState {
 
 impl From<LevelState> for Level {
     fn from(s: LevelState) -> Self {
-        Level { buckets: s.totals.into_iter().zip(s.variances).collect() }
+        Level {
+            buckets: s.totals.into_iter().zip(s.variances).collect(),
+        }
     }
 }
 
@@ -145,7 +154,15 @@ pub struct Adwin {
 impl Adwin {
     /// A fresh detector with `cfg`.
     pub fn with_config(cfg: Config) -> Self {
-        Adwin { cfg, total: 0.0, variance: 0.0, width: 0.0, tick: 0, levels: vec![Level::default()], drift_detected: false }
+        Adwin {
+            cfg,
+            total: 0.0,
+            variance: 0.0,
+            width: 0.0,
+            tick: 0,
+            levels: vec![Level::default()],
+            drift_detected: false,
+        }
     }
 
     /// The current window length.
@@ -155,7 +172,11 @@ impl Adwin {
 
     /// Mean of the current window.
     pub fn estimation(&self) -> f64 {
-        if self.width == 0.0 { 0.0 } else { self.total / self.width }
+        if self.width == 0.0 {
+            0.0
+        } else {
+            self.total / self.width
+        }
     }
 
     /// Feeds one value; returns the first cut found when a change is
@@ -231,7 +252,8 @@ impl Adwin {
         self.width -= n;
         self.total -= u;
         let mu_window = self.total / self.width;
-        self.variance -= v + n * self.width * (mu - mu_window) * (mu - mu_window) / (n + self.width);
+        self.variance -=
+            v + n * self.width * (mu - mu_window) * (mu - mu_window) / (n + self.width);
         self.levels[top].drop_oldest(1);
         if self.levels[top].len() == 0 {
             self.levels.pop();
@@ -241,7 +263,9 @@ impl Adwin {
     #[inline]
     fn detect_change(&mut self) -> Option<Cut> {
         self.tick += 1;
-        if !self.tick.is_multiple_of(u64::from(self.cfg.clock.max(1))) || self.width <= f64::from(self.cfg.grace_period) {
+        if !self.tick.is_multiple_of(u64::from(self.cfg.clock.max(1)))
+            || self.width <= f64::from(self.cfg.grace_period)
+        {
             return None;
         }
         self.scan_for_cut()
@@ -274,9 +298,14 @@ impl Adwin {
                     }
                     let delta_mean = (u0 / n0) - (u1 / n1);
                     if n1 >= min_len && n0 >= min_len {
-                        let epsilon = Self::cut_bound(min_len, n0, n1, delta_prime, variance_per_point);
+                        let epsilon =
+                            Self::cut_bound(min_len, n0, n1, delta_prime, variance_per_point);
                         if delta_mean.abs() > epsilon {
-                            first_cut.get_or_insert(Cut { delta_mean, epsilon, width: self.width });
+                            first_cut.get_or_insert(Cut {
+                                delta_mean,
+                                epsilon,
+                                width: self.width,
+                            });
                             if self.width > 0.0 {
                                 self.drop_oldest_bucket();
                                 continue 'shrink;
@@ -292,14 +321,16 @@ impl Adwin {
 
     fn cut_bound(min_len: f64, n0: f64, n1: f64, delta_prime: f64, variance_per_point: f64) -> f64 {
         let m_recip = 1.0 / (n0 - min_len + 1.0) + 1.0 / (n1 - min_len + 1.0);
-        (2.0 * m_recip * variance_per_point * delta_prime).sqrt() + 2.0 / 3.0 * delta_prime * m_recip
+        (2.0 * m_recip * variance_per_point * delta_prime).sqrt()
+            + 2.0 / 3.0 * delta_prime * m_recip
     }
 }
 
 impl Detector for Adwin {
     type Config = Config;
     const NAME: &'static str = "adwin";
-    const DESCRIPTION: &'static str = "ADWIN adaptive windowing: a change in the mean of a recent window (River semantics)";
+    const DESCRIPTION: &'static str =
+        "ADWIN adaptive windowing: a change in the mean of a recent window (River semantics)";
 
     fn config_schema() -> Option<String> {
         Some(SCHEMA.to_string())
@@ -324,7 +355,9 @@ impl Detector for Adwin {
 
     #[inline]
     fn update(&mut self, p: &Point<'_>) -> Verdict {
-        let Some(x) = p.value(&self.cfg.watch) else { return Verdict::Healthy };
+        let Some(x) = p.value(&self.cfg.watch) else {
+            return Verdict::Healthy;
+        };
         match self.update_value(x) {
             None => Verdict::Healthy,
             Some(cut) => self.detection(cut),
@@ -341,7 +374,11 @@ impl Adwin {
         Verdict::retrain(format!(
             "ADWIN: mean of {} {} by {:.4} (> bound {:.4}, delta {}) within a window of {} points; window shrunk to {}",
             self.cfg.watch,
-            if cut.delta_mean > 0.0 { "dropped" } else { "rose" },
+            if cut.delta_mean > 0.0 {
+                "dropped"
+            } else {
+                "rose"
+            },
             cut.delta_mean.abs(),
             cut.epsilon,
             self.cfg.delta,
@@ -359,7 +396,15 @@ mod tests {
     use visutility_strategy::{parse_config, restore_state, save_state};
 
     fn step(n: usize) -> Vec<f64> {
-        (0..n).map(|i| if i < n / 2 { 0.2 + 0.01 * (i % 7) as f64 } else { 0.8 + 0.01 * (i % 5) as f64 }).collect()
+        (0..n)
+            .map(|i| {
+                if i < n / 2 {
+                    0.2 + 0.01 * (i % 7) as f64
+                } else {
+                    0.8 + 0.01 * (i % 5) as f64
+                }
+            })
+            .collect()
     }
 
     #[test]
@@ -367,13 +412,23 @@ mod tests {
         let mut d = Adwin::with_config(Config::default());
         assert!((0..5000).all(|_| d.update_value(1.0).is_none()));
         let mut d = Adwin::with_config(Config::default());
-        let hits: Vec<usize> = step(2000).iter().enumerate().filter_map(|(i, x)| d.update_value(*x).map(|_| i)).collect();
-        assert!(!hits.is_empty() && hits[0] >= 1000 && hits[0] < 1100, "{hits:?}");
+        let hits: Vec<usize> = step(2000)
+            .iter()
+            .enumerate()
+            .filter_map(|(i, x)| d.update_value(*x).map(|_| i))
+            .collect();
+        assert!(
+            !hits.is_empty() && hits[0] >= 1000 && hits[0] < 1100,
+            "{hits:?}"
+        );
     }
 
     #[test]
     fn window_stats_match_a_direct_computation() {
-        let mut d = Adwin::with_config(Config { clock: 1_000_000, ..Config::default() });
+        let mut d = Adwin::with_config(Config {
+            clock: 1_000_000,
+            ..Config::default()
+        });
         let xs: Vec<f64> = (0..777).map(|i| ((i * 37) % 101) as f64 / 10.0).collect();
         for &x in &xs {
             d.update_value(x);
@@ -382,7 +437,11 @@ mod tests {
         let ss: f64 = xs.iter().map(|x| (x - mean) * (x - mean)).sum();
         assert_eq!(d.width(), 777.0);
         assert!((d.estimation() - mean).abs() < 1e-9);
-        assert!((d.variance - ss).abs() / ss < 1e-9, "{} vs {ss}", d.variance);
+        assert!(
+            (d.variance - ss).abs() / ss < 1e-9,
+            "{} vs {ss}",
+            d.variance
+        );
         let buckets: usize = d.levels.iter().map(Level::len).sum();
         assert!(buckets <= 6 * d.levels.len() && d.levels.len() <= 10);
     }
@@ -392,8 +451,14 @@ mod tests {
         let mut level = Level::default();
         level.push(1.5, 0.25);
         level.push(-2.0, 4.0);
-        let as_lists = LevelState { totals: vec![1.5, -2.0], variances: vec![0.25, 4.0] };
-        assert_eq!(postcard::to_allocvec(&level).unwrap(), postcard::to_allocvec(&as_lists).unwrap());
+        let as_lists = LevelState {
+            totals: vec![1.5, -2.0],
+            variances: vec![0.25, 4.0],
+        };
+        assert_eq!(
+            postcard::to_allocvec(&level).unwrap(),
+            postcard::to_allocvec(&as_lists).unwrap()
+        );
         let back: Level = postcard::from_bytes(&postcard::to_allocvec(&as_lists).unwrap()).unwrap();
         assert_eq!(back.buckets, level.buckets);
     }
@@ -413,8 +478,20 @@ mod tests {
 
     #[test]
     fn bad_config_names_the_field() {
-        assert!(parse_config::<Adwin>(r#"{"delta":0}"#).unwrap_err().contains("delta"));
-        assert!(parse_config::<Adwin>(r#"{"clock":0}"#).unwrap_err().contains("clock"));
-        assert!(parse_config::<Adwin>(r#"{"grace":3}"#).unwrap_err().contains("grace"));
+        assert!(
+            parse_config::<Adwin>(r#"{"delta":0}"#)
+                .unwrap_err()
+                .contains("delta")
+        );
+        assert!(
+            parse_config::<Adwin>(r#"{"clock":0}"#)
+                .unwrap_err()
+                .contains("clock")
+        );
+        assert!(
+            parse_config::<Adwin>(r#"{"grace":3}"#)
+                .unwrap_err()
+                .contains("grace")
+        );
     }
 }

@@ -83,13 +83,18 @@ impl Detector for Baseline {
             return Err(format!("`baseline` must be a finite number, got {b}"));
         }
         if !c.tolerance.is_finite() || c.tolerance < 0.0 {
-            return Err(format!("`tolerance` must be a finite number >= 0, got {}", c.tolerance));
+            return Err(format!(
+                "`tolerance` must be a finite number >= 0, got {}",
+                c.tolerance
+            ));
         }
         if c.warmup == Some(0) {
             return Err("`warmup` must be at least 1".into());
         }
         if c.baseline.is_none() && c.warmup.is_none() {
-            return Err("set `baseline` (a number) or `warmup` (learn it from the first N points)".into());
+            return Err(
+                "set `baseline` (a number) or `warmup` (learn it from the first N points)".into(),
+            );
         }
         Ok(())
     }
@@ -165,16 +170,23 @@ mod tests {
     #[test]
     fn other_models_are_ignored_when_model_version_is_set() {
         assert!(run(r#"{"baseline":0.95,"model_version":"a"}"#, "b", &[0.1]).is_empty());
-        assert_eq!(run(r#"{"baseline":0.95,"model_version":"a"}"#, "a", &[0.1]), vec![0]);
+        assert_eq!(
+            run(r#"{"baseline":0.95,"model_version":"a"}"#, "a", &[0.1]),
+            vec![0]
+        );
     }
 
     #[test]
     fn bad_configs_are_refused_with_the_field_named() {
-        let e = parse_config::<Baseline>(r#"{"tolerence":0.1,"baseline":1}"#).err().unwrap();
+        let e = parse_config::<Baseline>(r#"{"tolerence":0.1,"baseline":1}"#)
+            .err()
+            .unwrap();
         assert!(e.contains("tolerence"), "{e}");
         let e = parse_config::<Baseline>("{}").err().unwrap();
         assert!(e.contains("warmup"), "{e}");
-        let e = parse_config::<Baseline>(r#"{"baseline":1,"tolerance":-1}"#).err().unwrap();
+        let e = parse_config::<Baseline>(r#"{"baseline":1,"tolerance":-1}"#)
+            .err()
+            .unwrap();
         assert!(e.contains("tolerance"), "{e}");
     }
 
@@ -185,10 +197,14 @@ mod tests {
         for s in [1.0, 1.0] {
             a.update(&Point::new(0, s, None, 0));
         }
-        let mut b: Baseline = visutility_strategy::restore_state(&visutility_strategy::save_state(&a)).unwrap();
+        let mut b: Baseline =
+            visutility_strategy::restore_state(&visutility_strategy::save_state(&a)).unwrap();
         for s in [1.0, 1.0] {
             assert_eq!(b.update(&Point::new(0, s, None, 0)), Verdict::Healthy);
         }
-        assert!(matches!(b.update(&Point::new(0, 0.9, None, 0)), Verdict::Retrain(_)));
+        assert!(matches!(
+            b.update(&Point::new(0, 0.9, None, 0)),
+            Verdict::Retrain(_)
+        ));
     }
 }

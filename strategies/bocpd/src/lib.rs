@@ -145,7 +145,12 @@ impl Bocpd {
 
     fn start(&mut self, mu0: f64, var0: f64) {
         let c = &self.cfg;
-        let prior = Prior { mu: mu0, kappa: c.kappa0, alpha: c.alpha0, beta: c.alpha0 * var0.max(1e-12) };
+        let prior = Prior {
+            mu: mu0,
+            kappa: c.kappa0,
+            alpha: c.alpha0,
+            beta: c.alpha0 * var0.max(1e-12),
+        };
         self.prior = Some(prior);
         self.log_p = vec![0.0];
         self.mu = vec![prior.mu];
@@ -179,7 +184,8 @@ impl Bocpd {
         self.scratch.clear();
         let mut max_joint = f64::NEG_INFINITY;
         for r in 0..n {
-            let j = self.log_p[r] + student_t_log_pdf(x, self.mu[r], self.kappa[r], self.alpha[r], self.beta[r]);
+            let j = self.log_p[r]
+                + student_t_log_pdf(x, self.mu[r], self.kappa[r], self.alpha[r], self.beta[r]);
             max_joint = max_joint.max(j);
             self.scratch.push(j);
         }
@@ -194,7 +200,13 @@ impl Bocpd {
         let overflow = (keep == n).then(|| {
             let r = n - 1;
             let (m, k, a, b) = (self.mu[r], self.kappa[r], self.alpha[r], self.beta[r]);
-            (self.scratch[r] + log_1mh, (k * m + x) / (k + 1.0), k + 1.0, a + 0.5, b + k * (x - m) * (x - m) / (2.0 * (k + 1.0)))
+            (
+                self.scratch[r] + log_1mh,
+                (k * m + x) / (k + 1.0),
+                k + 1.0,
+                a + 0.5,
+                b + k * (x - m) * (x - m) / (2.0 * (k + 1.0)),
+            )
         });
         self.log_p.resize(keep, 0.0);
         self.mu.resize(keep, 0.0);
@@ -202,7 +214,12 @@ impl Bocpd {
         self.alpha.resize(keep, 0.0);
         self.beta.resize(keep, 0.0);
         for r in (1..keep).rev() {
-            let (m, k, a, b) = (self.mu[r - 1], self.kappa[r - 1], self.alpha[r - 1], self.beta[r - 1]);
+            let (m, k, a, b) = (
+                self.mu[r - 1],
+                self.kappa[r - 1],
+                self.alpha[r - 1],
+                self.beta[r - 1],
+            );
             self.log_p[r] = self.scratch[r - 1] + log_1mh;
             self.mu[r] = (k * m + x) / (k + 1.0);
             self.kappa[r] = k + 1.0;
@@ -215,7 +232,12 @@ impl Bocpd {
             let hi = kept.max(lp);
             self.log_p[top] = hi + ((kept - hi).exp() + (lp - hi).exp()).ln();
             if lp > kept {
-                (self.mu[top], self.kappa[top], self.alpha[top], self.beta[top]) = (m, k, a, b);
+                (
+                    self.mu[top],
+                    self.kappa[top],
+                    self.alpha[top],
+                    self.beta[top],
+                ) = (m, k, a, b);
             }
         }
         self.log_p[0] = log_cp;
@@ -259,7 +281,10 @@ fn student_t_log_pdf(x: f64, mu: f64, kappa: f64, alpha: f64, beta: f64) -> f64 
     let nu = 2.0 * alpha;
     let scale2 = beta * (kappa + 1.0) / (alpha * kappa);
     let z = (x - mu) * (x - mu) / (nu * scale2);
-    ln_gamma(alpha + 0.5) - ln_gamma(alpha) - 0.5 * (nu * std::f64::consts::PI * scale2).ln() - (alpha + 0.5) * z.ln_1p()
+    ln_gamma(alpha + 0.5)
+        - ln_gamma(alpha)
+        - 0.5 * (nu * std::f64::consts::PI * scale2).ln()
+        - (alpha + 0.5) * z.ln_1p()
 }
 
 /// ln Γ(x) for x > 0 (Lanczos, g = 7, 9 terms; ~1e-15 relative error).
@@ -292,8 +317,7 @@ fn ln_gamma(x: f64) -> f64 {
 impl Detector for Bocpd {
     type Config = Config;
     const NAME: &'static str = "bocpd";
-    const DESCRIPTION: &'static str =
-        "Bayesian online change-point detection (Adams & MacKay): posterior probability of a recent change";
+    const DESCRIPTION: &'static str = "Bayesian online change-point detection (Adams & MacKay): posterior probability of a recent change";
 
     fn config_schema() -> Option<String> {
         Some(SCHEMA.to_string())
@@ -301,16 +325,28 @@ impl Detector for Bocpd {
 
     fn validate(c: &Config) -> Result<(), String> {
         if !(c.hazard_lambda.is_finite() && c.hazard_lambda > 1.0) {
-            return Err(format!("`hazard_lambda` must be a finite number > 1, got {}", c.hazard_lambda));
+            return Err(format!(
+                "`hazard_lambda` must be a finite number > 1, got {}",
+                c.hazard_lambda
+            ));
         }
         if !(2..=100_000).contains(&c.max_run_length) {
-            return Err(format!("`max_run_length` must be in 2..=100000, got {}", c.max_run_length));
+            return Err(format!(
+                "`max_run_length` must be in 2..=100000, got {}",
+                c.max_run_length
+            ));
         }
         if c.window == 0 || c.window >= c.max_run_length {
-            return Err(format!("`window` must be in 1..max_run_length ({}), got {}", c.max_run_length, c.window));
+            return Err(format!(
+                "`window` must be in 1..max_run_length ({}), got {}",
+                c.max_run_length, c.window
+            ));
         }
         if !(c.threshold > 0.0 && c.threshold < 1.0) {
-            return Err(format!("`threshold` must be in (0, 1), got {}", c.threshold));
+            return Err(format!(
+                "`threshold` must be in (0, 1), got {}",
+                c.threshold
+            ));
         }
         for (name, v) in [("kappa0", c.kappa0), ("alpha0", c.alpha0)] {
             if !(v.is_finite() && v > 0.0) {
@@ -334,7 +370,9 @@ impl Detector for Bocpd {
     }
 
     fn update(&mut self, p: &Point<'_>) -> Verdict {
-        let Some(x) = p.value(&self.cfg.watch) else { return Verdict::Healthy };
+        let Some(x) = p.value(&self.cfg.watch) else {
+            return Verdict::Healthy;
+        };
         match self.update_value(x) {
             None => Verdict::Healthy,
             Some((prob, run)) => Verdict::retrain(format!(
@@ -365,13 +403,26 @@ mod tests {
     }
 
     fn hits(d: &mut Bocpd, xs: &[f64]) -> Vec<usize> {
-        xs.iter().enumerate().filter_map(|(i, &x)| d.update_value(x).map(|_| i)).collect()
+        xs.iter()
+            .enumerate()
+            .filter_map(|(i, &x)| d.update_value(x).map(|_| i))
+            .collect()
     }
 
     #[test]
     fn ln_gamma_matches_known_values() {
-        for (x, want) in [(1.0, 0.0), (2.0, 0.0), (0.5, 0.572_364_942_924_700_1), (10.0, 12.801_827_480_081_469), (100.5, 361.435_540_467_777_6)] {
-            assert!((ln_gamma(x) - want).abs() < 1e-9, "lnΓ({x}) = {} != {want}", ln_gamma(x));
+        for (x, want) in [
+            (1.0, 0.0),
+            (2.0, 0.0),
+            (0.5, 0.572_364_942_924_700_1),
+            (10.0, 12.801_827_480_081_469),
+            (100.5, 361.435_540_467_777_6),
+        ] {
+            assert!(
+                (ln_gamma(x) - want).abs() < 1e-9,
+                "lnΓ({x}) = {} != {want}",
+                ln_gamma(x)
+            );
         }
     }
 
@@ -383,7 +434,10 @@ mod tests {
         let mut d = Bocpd::with_config(Config::default());
         let h = hits(&mut d, &xs);
         assert_eq!(h.len(), 2, "{h:?}");
-        assert!((400..415).contains(&h[0]) && (800..815).contains(&h[1]), "{h:?}");
+        assert!(
+            (400..415).contains(&h[0]) && (800..815).contains(&h[1]),
+            "{h:?}"
+        );
     }
 
     #[test]
@@ -414,8 +468,20 @@ mod tests {
 
     #[test]
     fn bad_config_names_the_field() {
-        assert!(parse_config::<Bocpd>(r#"{"threshold": 1.5}"#).unwrap_err().contains("threshold"));
-        assert!(parse_config::<Bocpd>(r#"{"window": 500}"#).unwrap_err().contains("window"));
-        assert!(parse_config::<Bocpd>(r#"{"hazard": 5}"#).unwrap_err().contains("hazard"));
+        assert!(
+            parse_config::<Bocpd>(r#"{"threshold": 1.5}"#)
+                .unwrap_err()
+                .contains("threshold")
+        );
+        assert!(
+            parse_config::<Bocpd>(r#"{"window": 500}"#)
+                .unwrap_err()
+                .contains("window")
+        );
+        assert!(
+            parse_config::<Bocpd>(r#"{"hazard": 5}"#)
+                .unwrap_err()
+                .contains("hazard")
+        );
     }
 }

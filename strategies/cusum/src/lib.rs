@@ -94,7 +94,8 @@ pub struct Cusum {
 impl Detector for Cusum {
     type Config = Config;
     const NAME: &'static str = "cusum";
-    const DESCRIPTION: &'static str = "two-sided tabular CUSUM: a sustained shift of the mean, in units of sigma";
+    const DESCRIPTION: &'static str =
+        "two-sided tabular CUSUM: a sustained shift of the mean, in units of sigma";
 
     fn config_schema() -> Option<String> {
         Some(SCHEMA.to_string())
@@ -111,18 +112,30 @@ impl Detector for Cusum {
         if let Some(w) = c.warn_h
             && !(w > 0.0 && w < c.h)
         {
-            return Err(format!("`warn_h` must be > 0 and below `h` ({}), got {w}", c.h));
+            return Err(format!(
+                "`warn_h` must be > 0 and below `h` ({}), got {w}",
+                c.h
+            ));
         }
         Ok(())
     }
 
     fn new(c: &Config, _model: &str) -> Self {
-        Cusum { cfg: c.clone(), reference: Reference::new(c.target, c.sigma, c.warmup, 1e-9), upper: 0.0, lower: 0.0 }
+        Cusum {
+            cfg: c.clone(),
+            reference: Reference::new(c.target, c.sigma, c.warmup, 1e-9),
+            upper: 0.0,
+            lower: 0.0,
+        }
     }
 
     fn update(&mut self, p: &Point<'_>) -> Verdict {
-        let Some(x) = p.value(&self.cfg.watch) else { return Verdict::Healthy };
-        let Some((mu, sigma)) = self.reference.observe(x) else { return Verdict::Healthy };
+        let Some(x) = p.value(&self.cfg.watch) else {
+            return Verdict::Healthy;
+        };
+        let Some((mu, sigma)) = self.reference.observe(x) else {
+            return Verdict::Healthy;
+        };
         let slack = self.cfg.k * sigma;
         if self.cfg.direction.up() {
             self.upper = (self.upper + (x - mu) - slack).max(0.0);
@@ -130,7 +143,11 @@ impl Detector for Cusum {
         if self.cfg.direction.down() {
             self.lower = (self.lower + (mu - x) - slack).max(0.0);
         }
-        let (name, sum) = if self.upper >= self.lower { ("S+ (upward shift)", self.upper) } else { ("S- (downward shift)", self.lower) };
+        let (name, sum) = if self.upper >= self.lower {
+            ("S+ (upward shift)", self.upper)
+        } else {
+            ("S- (downward shift)", self.lower)
+        };
         let limit = self.cfg.h * sigma;
         if sum > limit {
             self.upper = 0.0;
@@ -163,7 +180,9 @@ mod tests {
     fn run(cfg: &str, xs: &[f64]) -> Vec<(usize, bool)> {
         let mut d = Cusum::new(&parse_config::<Cusum>(cfg).unwrap(), "m");
         let mut out = Vec::new();
-        evaluate_columns(&mut d, xs, &[], &[], &[], |i, retrain, _| out.push((i, retrain)));
+        evaluate_columns(&mut d, xs, &[], &[], &[], |i, retrain, _| {
+            out.push((i, retrain))
+        });
         out
     }
 
@@ -191,10 +210,19 @@ mod tests {
 
     #[test]
     fn given_target_and_warn_interval() {
-        let hits = run(r#"{"target": 1.0, "sigma": 0.1, "h": 4, "warn_h": 2, "direction": "down"}"#, &[0.8, 0.8, 0.8, 0.8]);
+        let hits = run(
+            r#"{"target": 1.0, "sigma": 0.1, "h": 4, "warn_h": 2, "direction": "down"}"#,
+            &[0.8, 0.8, 0.8, 0.8],
+        );
         // S- grows by 0.15 per point: 0.15, 0.30 (> 0.2 warn), 0.45 (> 0.4 retrain), then restarts.
         assert_eq!(hits, vec![(1, false), (2, true)]);
-        assert!(run(r#"{"target": 1.0, "sigma": 0.1, "direction": "up"}"#, &[0.0; 20]).is_empty());
+        assert!(
+            run(
+                r#"{"target": 1.0, "sigma": 0.1, "direction": "up"}"#,
+                &[0.0; 20]
+            )
+            .is_empty()
+        );
     }
 
     #[test]
@@ -207,14 +235,29 @@ mod tests {
         }
         let mut b: Cusum = restore_state(&save_state(&a)).unwrap();
         for &x in &xs[50..] {
-            assert_eq!(a.update(&Point::new(0, x, None, 0)), b.update(&Point::new(0, x, None, 0)));
+            assert_eq!(
+                a.update(&Point::new(0, x, None, 0)),
+                b.update(&Point::new(0, x, None, 0))
+            );
         }
     }
 
     #[test]
     fn bad_config_names_the_field() {
-        assert!(parse_config::<Cusum>(r#"{"h": 0}"#).unwrap_err().contains("`h`"));
-        assert!(parse_config::<Cusum>(r#"{"warn_h": 9}"#).unwrap_err().contains("warn_h"));
-        assert!(parse_config::<Cusum>(r#"{"sigma": -1, "target": 0}"#).unwrap_err().contains("sigma"));
+        assert!(
+            parse_config::<Cusum>(r#"{"h": 0}"#)
+                .unwrap_err()
+                .contains("`h`")
+        );
+        assert!(
+            parse_config::<Cusum>(r#"{"warn_h": 9}"#)
+                .unwrap_err()
+                .contains("warn_h")
+        );
+        assert!(
+            parse_config::<Cusum>(r#"{"sigma": -1, "target": 0}"#)
+                .unwrap_err()
+                .contains("sigma")
+        );
     }
 }

@@ -91,7 +91,8 @@ pub struct Ewma {
 impl Detector for Ewma {
     type Config = Config;
     const NAME: &'static str = "ewma";
-    const DESCRIPTION: &'static str = "EWMA control chart: the smoothed value leaves its L-sigma limits";
+    const DESCRIPTION: &'static str =
+        "EWMA control chart: the smoothed value leaves its L-sigma limits";
 
     fn config_schema() -> Option<String> {
         Some(SCHEMA.to_string())
@@ -107,26 +108,40 @@ impl Detector for Ewma {
         if let Some(w) = c.warn_l
             && !(w > 0.0 && w < c.l)
         {
-            return Err(format!("`warn_L` must be > 0 and below `L` ({}), got {w}", c.l));
+            return Err(format!(
+                "`warn_L` must be > 0 and below `L` ({}), got {w}",
+                c.l
+            ));
         }
         check_reference(c.target, c.sigma, c.warmup)?;
         Ok(())
     }
 
     fn new(c: &Config, _model: &str) -> Self {
-        Ewma { cfg: c.clone(), reference: Reference::new(c.target, c.sigma, c.warmup, 1e-9), z: None, t: 0 }
+        Ewma {
+            cfg: c.clone(),
+            reference: Reference::new(c.target, c.sigma, c.warmup, 1e-9),
+            z: None,
+            t: 0,
+        }
     }
 
     fn update(&mut self, p: &Point<'_>) -> Verdict {
-        let Some(x) = p.value(&self.cfg.watch) else { return Verdict::Healthy };
-        let Some((mu, sigma)) = self.reference.observe(x) else { return Verdict::Healthy };
+        let Some(x) = p.value(&self.cfg.watch) else {
+            return Verdict::Healthy;
+        };
+        let Some((mu, sigma)) = self.reference.observe(x) else {
+            return Verdict::Healthy;
+        };
         let lambda = self.cfg.lambda;
         let z = lambda * x + (1.0 - lambda) * self.z.unwrap_or(mu);
         self.z = Some(z);
         self.t += 1;
-        let sigma_z = sigma * (lambda / (2.0 - lambda) * (1.0 - (1.0 - lambda).powf(2.0 * self.t as f64))).sqrt();
+        let sigma_z = sigma
+            * (lambda / (2.0 - lambda) * (1.0 - (1.0 - lambda).powf(2.0 * self.t as f64))).sqrt();
         let dev = z - mu;
-        let counts = (dev > 0.0 && self.cfg.direction.up()) || (dev < 0.0 && self.cfg.direction.down());
+        let counts =
+            (dev > 0.0 && self.cfg.direction.up()) || (dev < 0.0 && self.cfg.direction.down());
         if !counts {
             return Verdict::Healthy;
         }
@@ -166,7 +181,9 @@ mod tests {
     fn run(cfg: &str, xs: &[f64]) -> Vec<(usize, bool)> {
         let mut d = Ewma::new(&parse_config::<Ewma>(cfg).unwrap(), "m");
         let mut out = Vec::new();
-        evaluate_columns(&mut d, xs, &[], &[], &[], |i, retrain, _| out.push((i, retrain)));
+        evaluate_columns(&mut d, xs, &[], &[], &[], |i, retrain, _| {
+            out.push((i, retrain))
+        });
         out
     }
 
@@ -174,14 +191,35 @@ mod tests {
     fn first_point_limit_uses_the_exact_variance() {
         // t = 1: σ_z = σ·λ; z − μ = λ(x − μ). With λ = 0.5, σ = 1, x = μ − 3.5:
         // |z − μ| / σ_z = 3.5 > L = 3.
-        assert_eq!(run(r#"{"target": 0, "sigma": 1, "lambda": 0.5}"#, &[-3.5]), vec![(0, true)]);
-        assert_eq!(run(r#"{"target": 0, "sigma": 1, "lambda": 0.5}"#, &[-2.5]), vec![(0, false)]);
-        assert!(run(r#"{"target": 0, "sigma": 1, "lambda": 0.5, "direction": "up"}"#, &[-3.5]).is_empty());
+        assert_eq!(
+            run(r#"{"target": 0, "sigma": 1, "lambda": 0.5}"#, &[-3.5]),
+            vec![(0, true)]
+        );
+        assert_eq!(
+            run(r#"{"target": 0, "sigma": 1, "lambda": 0.5}"#, &[-2.5]),
+            vec![(0, false)]
+        );
+        assert!(
+            run(
+                r#"{"target": 0, "sigma": 1, "lambda": 0.5, "direction": "up"}"#,
+                &[-3.5]
+            )
+            .is_empty()
+        );
     }
 
     #[test]
     fn detects_a_drift_after_warmup_with_warnings_first() {
-        let xs: Vec<f64> = (0..200).map(|i| 0.9 + if i % 2 == 0 { 0.01 } else { -0.01 } - if i >= 100 { 0.0005 * (i - 100) as f64 } else { 0.0 }).collect();
+        let xs: Vec<f64> = (0..200)
+            .map(|i| {
+                0.9 + if i % 2 == 0 { 0.01 } else { -0.01 }
+                    - if i >= 100 {
+                        0.0005 * (i - 100) as f64
+                    } else {
+                        0.0
+                    }
+            })
+            .collect();
         let hits = run("{}", &xs);
         let first_retrain = hits.iter().find(|(_, r)| *r).expect("retrain").0;
         let first_warn = hits.iter().find(|(_, r)| !*r).expect("warn").0;
@@ -198,14 +236,29 @@ mod tests {
         }
         let mut b: Ewma = restore_state(&save_state(&a)).unwrap();
         for &x in &xs[20..] {
-            assert_eq!(a.update(&Point::new(0, x, None, 0)), b.update(&Point::new(0, x, None, 0)));
+            assert_eq!(
+                a.update(&Point::new(0, x, None, 0)),
+                b.update(&Point::new(0, x, None, 0))
+            );
         }
     }
 
     #[test]
     fn bad_config_names_the_field() {
-        assert!(parse_config::<Ewma>(r#"{"lambda": 0}"#).unwrap_err().contains("lambda"));
-        assert!(parse_config::<Ewma>(r#"{"L": 2, "warn_L": 3}"#).unwrap_err().contains("warn_L"));
-        assert!(parse_config::<Ewma>(r#"{"l": 2}"#).unwrap_err().contains("unknown field `l`"));
+        assert!(
+            parse_config::<Ewma>(r#"{"lambda": 0}"#)
+                .unwrap_err()
+                .contains("lambda")
+        );
+        assert!(
+            parse_config::<Ewma>(r#"{"L": 2, "warn_L": 3}"#)
+                .unwrap_err()
+                .contains("warn_L")
+        );
+        assert!(
+            parse_config::<Ewma>(r#"{"l": 2}"#)
+                .unwrap_err()
+                .contains("unknown field `l`")
+        );
     }
 }

@@ -43,7 +43,14 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { min_instances: 30, delta: 0.005, threshold: 50.0, alpha: 1.0 - 0.0001, mode: Direction::Both, watch: Watch::Score }
+        Config {
+            min_instances: 30,
+            delta: 0.005,
+            threshold: 50.0,
+            alpha: 1.0 - 0.0001,
+            mode: Direction::Both,
+            watch: Watch::Score,
+        }
     }
 }
 
@@ -132,7 +139,8 @@ impl PageHinkley {
             let up = self.sum_increase - self.min_increase;
             let down = self.max_decrease - self.sum_decrease;
             let t = self.cfg.threshold;
-            self.drift_detected = (self.cfg.mode.up() && up > t) || (self.cfg.mode.down() && down > t);
+            self.drift_detected =
+                (self.cfg.mode.up() && up > t) || (self.cfg.mode.down() && down > t);
             if self.drift_detected {
                 return Some((up, down));
             }
@@ -144,14 +152,19 @@ impl PageHinkley {
 impl Detector for PageHinkley {
     type Config = Config;
     const NAME: &'static str = "page-hinkley";
-    const DESCRIPTION: &'static str = "Page-Hinkley test for a change in the mean (River semantics and defaults)";
+    const DESCRIPTION: &'static str =
+        "Page-Hinkley test for a change in the mean (River semantics and defaults)";
 
     fn config_schema() -> Option<String> {
         Some(SCHEMA.to_string())
     }
 
     fn validate(c: &Config) -> Result<(), String> {
-        for (name, v) in [("delta", c.delta), ("threshold", c.threshold), ("alpha", c.alpha)] {
+        for (name, v) in [
+            ("delta", c.delta),
+            ("threshold", c.threshold),
+            ("alpha", c.alpha),
+        ] {
             if !v.is_finite() {
                 return Err(format!("`{name}` must be a finite number, got {v}"));
             }
@@ -163,7 +176,10 @@ impl Detector for PageHinkley {
             return Err(format!("`alpha` must be in (0, 1], got {}", c.alpha));
         }
         if c.min_instances == 0 || c.min_instances > 1 << 53 {
-            return Err(format!("`min_instances` must be between 1 and 2^53, got {}", c.min_instances));
+            return Err(format!(
+                "`min_instances` must be between 1 and 2^53, got {}",
+                c.min_instances
+            ));
         }
         Ok(())
     }
@@ -174,7 +190,9 @@ impl Detector for PageHinkley {
 
     #[inline]
     fn update(&mut self, p: &Point<'_>) -> Verdict {
-        let Some(x) = p.value(&self.cfg.watch) else { return Verdict::Healthy };
+        let Some(x) = p.value(&self.cfg.watch) else {
+            return Verdict::Healthy;
+        };
         match self.update_value(x) {
             None => Verdict::Healthy,
             Some((up, down)) => self.detection(x, up, down),
@@ -188,8 +206,11 @@ impl PageHinkley {
     #[cold]
     #[inline(never)]
     fn detection(&self, x: f64, up: f64, down: f64) -> Verdict {
-        let (dir, stat) =
-            if down > self.cfg.threshold && self.cfg.mode.down() { ("decrease", down) } else { ("increase", up) };
+        let (dir, stat) = if down > self.cfg.threshold && self.cfg.mode.down() {
+            ("decrease", down)
+        } else {
+            ("increase", up)
+        };
         Verdict::retrain(format!(
             "Page-Hinkley: {dir} statistic {stat:.4} > threshold {} on {} (value {x:.4}, running mean {:.4} over {} points)",
             self.cfg.threshold, self.cfg.watch, self.mean, self.n
@@ -206,7 +227,11 @@ mod tests {
 
     fn detections(cfg: &str, xs: &[f64]) -> Vec<usize> {
         let mut d = PageHinkley::new(&parse_config::<PageHinkley>(cfg).unwrap(), "m");
-        xs.iter().enumerate().filter(|(_, x)| d.update_value(**x).is_some()).map(|(i, _)| i).collect()
+        xs.iter()
+            .enumerate()
+            .filter(|(_, x)| d.update_value(**x).is_some())
+            .map(|(i, _)| i)
+            .collect()
     }
 
     /// River's own docstring example: `rng.choices([0, 1], k=1000) +
@@ -215,7 +240,15 @@ mod tests {
     /// here, a step the test must catch shortly after it happens.
     #[test]
     fn detects_a_step_and_restarts_after_detection() {
-        let xs: Vec<f64> = (0..2000).map(|i| if i < 1000 { (i % 2) as f64 } else { 4.0 + (i % 4) as f64 }).collect();
+        let xs: Vec<f64> = (0..2000)
+            .map(|i| {
+                if i < 1000 {
+                    (i % 2) as f64
+                } else {
+                    4.0 + (i % 4) as f64
+                }
+            })
+            .collect();
         let d = detections("{}", &xs);
         assert!(!d.is_empty() && d[0] > 1000 && d[0] < 1020, "{d:?}");
         // After a detection the next update starts over: no detection can
@@ -246,8 +279,20 @@ mod tests {
 
     #[test]
     fn bad_config_names_the_field() {
-        assert!(parse_config::<PageHinkley>(r#"{"mode":"sideways"}"#).unwrap_err().contains("sideways"));
-        assert!(parse_config::<PageHinkley>(r#"{"alpha":2}"#).unwrap_err().contains("alpha"));
-        assert!(parse_config::<PageHinkley>(r#"{"watch":"latency"}"#).unwrap_err().contains("metrics.<name>"));
+        assert!(
+            parse_config::<PageHinkley>(r#"{"mode":"sideways"}"#)
+                .unwrap_err()
+                .contains("sideways")
+        );
+        assert!(
+            parse_config::<PageHinkley>(r#"{"alpha":2}"#)
+                .unwrap_err()
+                .contains("alpha")
+        );
+        assert!(
+            parse_config::<PageHinkley>(r#"{"watch":"latency"}"#)
+                .unwrap_err()
+                .contains("metrics.<name>")
+        );
     }
 }

@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use clap::Args;
 use visutility_host::{
-    ConsoleObserver, DynObserver, METRIC_CHANNEL_BUFFER, MetricPublisher, MetricSnapshot, MonitoringSupervisor,
-    VerdictEvent, WasmStrategy, format_timestamp,
+    ConsoleObserver, DynObserver, METRIC_CHANNEL_BUFFER, MetricPublisher, MetricSnapshot,
+    MonitoringSupervisor, VerdictEvent, WasmStrategy, format_timestamp,
 };
 
 use crate::Failure;
@@ -31,7 +31,11 @@ fn synthetic_score(i: usize, points: usize) -> f64 {
     // Deterministic jitter in [-0.01, 0.01].
     let jitter = (((i * 7919) % 21) as f64 - 10.0) / 1000.0;
     let drift_start = points / 2;
-    let drift = if i < drift_start { 0.0 } else { (i - drift_start) as f64 * 0.006 };
+    let drift = if i < drift_start {
+        0.0
+    } else {
+        (i - drift_start) as f64 * 0.006
+    };
     0.93 + jitter - drift
 }
 
@@ -110,10 +114,15 @@ async fn demo(args: DemoArgs) -> Result<(), Failure> {
         }
     }
     drop(publisher);
-    running.await.map_err(Failure::runtime)?.map_err(Failure::runtime)?;
+    running
+        .await
+        .map_err(Failure::runtime)?
+        .map_err(Failure::runtime)?;
     let (degraded, signal_count) = printer.await.map_err(Failure::runtime)?;
 
-    println!("\nSummary: {points} snapshots, {degraded} degraded verdicts, {signal_count} retrain signal(s) emitted,");
+    println!(
+        "\nSummary: {points} snapshots, {degraded} degraded verdicts, {signal_count} retrain signal(s) emitted,"
+    );
     println!(
         "         {} repeat(s) suppressed by the cooldown (no retrain storm).",
         stats.suppressed.load(Ordering::Relaxed)
@@ -121,9 +130,13 @@ async fn demo(args: DemoArgs) -> Result<(), Failure> {
     println!("\nNext:");
     println!("  visutility strategies                     # the bundled strategies");
     println!("  visutility inspect builtin:baseline       # what a strategy component is");
-    println!("  visutility replay --strategy builtin:baseline --config '{{\"baseline\":0.9}}' --input stream.ndjson");
+    println!(
+        "  visutility replay --strategy builtin:baseline --config '{{\"baseline\":0.9}}' --input stream.ndjson"
+    );
     if signal_count == 0 {
-        return Err(Failure::runtime(anyhow::anyhow!("the demo stream produced no retrain signal")));
+        return Err(Failure::runtime(anyhow::anyhow!(
+            "the demo stream produced no retrain signal"
+        )));
     }
     Ok(())
 }

@@ -47,14 +47,20 @@ pub fn inspect(args: InspectArgs) -> Result<(), Failure> {
             "sha256": meta.sha256,
             "imports": meta.imports,
         });
-        println!("{}", serde_json::to_string_pretty(&v).expect("JSON value serialises"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("JSON value serialises")
+        );
         return Ok(());
     }
     println!("strategy:     {}", meta.label);
     println!("name:         {}", info.name);
     println!("version:      {}", info.version);
     println!("description:  {}", info.description);
-    println!("wit version:  visutility:strategy@{} (host speaks @{WIT_VERSION})", meta.wit_version);
+    println!(
+        "wit version:  visutility:strategy@{} (host speaks @{WIT_VERSION})",
+        meta.wit_version
+    );
     println!("size:         {} bytes", meta.size);
     println!("sha256:       {}", meta.sha256);
     println!("imports:");
@@ -77,7 +83,9 @@ pub fn inspect(args: InspectArgs) -> Result<(), Failure> {
 pub fn validate(args: ValidateArgs) -> Result<(), Failure> {
     let config = read_config(args.config.as_deref())?;
     let component = load(&args.strategy)?;
-    let instance = component.instantiate(&config, Limits::default()).map_err(Failure::input)?;
+    let instance = component
+        .instantiate(&config, Limits::default())
+        .map_err(Failure::input)?;
     let info = instance.info();
     println!(
         "ok: {} {} ({}) accepts this configuration; built against visutility:strategy@{}",
@@ -93,7 +101,10 @@ pub fn strategies() -> Result<(), Failure> {
     for name in builtin::names() {
         let component = load(&format!("builtin:{name}"))?;
         let info = component.describe().map_err(Failure::runtime)?;
-        println!("builtin:{:<16} {:<8} {}", name, info.version, info.description);
+        println!(
+            "builtin:{:<16} {:<8} {}",
+            name, info.version, info.description
+        );
     }
     Ok(())
 }

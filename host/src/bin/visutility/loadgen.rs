@@ -55,15 +55,31 @@ fn body(batch: usize, models: usize, seed: usize) -> Vec<u8> {
 
 /// Points evaluated and accepted, summed over every monitor or for
 /// `monitor` alone.
-async fn evaluated_and_accepted(client: &reqwest::Client, url: &str, monitor: Option<&str>) -> anyhow::Result<(f64, f64)> {
-    let text = client.get(format!("{url}/metrics")).send().await?.text().await?;
+async fn evaluated_and_accepted(
+    client: &reqwest::Client,
+    url: &str,
+    monitor: Option<&str>,
+) -> anyhow::Result<(f64, f64)> {
+    let text = client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
     let label = monitor.map(|m| format!("{{monitor=\"{m}\"}} "));
     let mut evaluated = 0.0;
     let mut accepted = 0.0;
     for line in text.lines() {
-        let value = || line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let value = || {
+            line.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
         let ours = |prefix: &str| match &label {
-            Some(l) => line.strip_prefix(prefix).is_some_and(|rest| rest.starts_with(l.as_str())),
+            Some(l) => line
+                .strip_prefix(prefix)
+                .is_some_and(|rest| rest.starts_with(l.as_str())),
             None => line.starts_with(prefix) && line[prefix.len()..].starts_with('{'),
         };
         if ours("visutility_points_evaluated_total") {
@@ -76,8 +92,17 @@ async fn evaluated_and_accepted(client: &reqwest::Client, url: &str, monitor: Op
     Ok((evaluated, accepted))
 }
 
-async fn monitor_evaluated(client: &reqwest::Client, url: &str, monitor: &str) -> anyhow::Result<f64> {
-    let text = client.get(format!("{url}/metrics")).send().await?.text().await?;
+async fn monitor_evaluated(
+    client: &reqwest::Client,
+    url: &str,
+    monitor: &str,
+) -> anyhow::Result<f64> {
+    let text = client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
     let prefix = format!("visutility_points_evaluated_total{{monitor=\"{monitor}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
@@ -86,17 +111,25 @@ async fn monitor_evaluated(client: &reqwest::Client, url: &str, monitor: &str) -
 
 async fn load(args: LoadgenArgs) -> Result<(), Failure> {
     let url = args.url.trim_end_matches('/').to_string();
-    let client = reqwest::Client::builder().pool_max_idle_per_host(args.connections).build().map_err(Failure::runtime)?;
-    let (evaluated0, accepted0) =
-        evaluated_and_accepted(&client, &url, args.monitor.as_deref())
-            .await
-            .context("cannot reach the service's /metrics")
-            .map_err(Failure::input)?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.connections)
+        .build()
+        .map_err(Failure::runtime)?;
+    let (evaluated0, accepted0) = evaluated_and_accepted(&client, &url, args.monitor.as_deref())
+        .await
+        .context("cannot reach the service's /metrics")
+        .map_err(Failure::input)?;
     let monitor0 = match &args.monitor {
-        Some(m) => Some(monitor_evaluated(&client, &url, m).await.map_err(Failure::input)?),
+        Some(m) => Some(
+            monitor_evaluated(&client, &url, m)
+                .await
+                .map_err(Failure::input)?,
+        ),
         None => None,
     };
-    let bodies: Vec<bytes::Bytes> = (0..8).map(|s| body(args.batch, args.models, s).into()).collect();
+    let bodies: Vec<bytes::Bytes> = (0..8)
+        .map(|s| body(args.batch, args.models, s).into())
+        .collect();
     let deadline = Instant::now() + args.duration;
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -134,7 +167,10 @@ async fn load(args: LoadgenArgs) -> Result<(), Failure> {
     let mut latencies = Vec::new();
     let (mut requests, mut busy) = (0u64, 0u64);
     for t in tasks {
-        let (l, s, b) = t.await.map_err(Failure::runtime)?.map_err(Failure::runtime)?;
+        let (l, s, b) = t
+            .await
+            .map_err(Failure::runtime)?
+            .map_err(Failure::runtime)?;
         latencies.extend(l);
         requests += s;
         busy += b;
@@ -142,16 +178,28 @@ async fn load(args: LoadgenArgs) -> Result<(), Failure> {
     let elapsed = started.elapsed().as_secs_f64();
     let snapshots = requests * args.batch as u64;
     if let (Some(m), Some(before)) = (&args.monitor, monitor0) {
-        let after = monitor_evaluated(&client, &url, m).await.map_err(Failure::runtime)?;
-        println!("monitor `{m}` evaluated {:.0} snapshots/s during the run", (after - before) / elapsed);
+        let after = monitor_evaluated(&client, &url, m)
+            .await
+            .map_err(Failure::runtime)?;
+        println!(
+            "monitor `{m}` evaluated {:.0} snapshots/s during the run",
+            (after - before) / elapsed
+        );
     }
     latencies.sort();
-    let pct = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or_default();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
 
     // Zero loss: every accepted snapshot must be evaluated.
     let wait_until = Instant::now() + Duration::from_secs(60);
     let (evaluated, accepted) = loop {
-        let (e, a) = evaluated_and_accepted(&client, &url, args.monitor.as_deref()).await.map_err(Failure::runtime)?;
+        let (e, a) = evaluated_and_accepted(&client, &url, args.monitor.as_deref())
+            .await
+            .map_err(Failure::runtime)?;
         if e - evaluated0 >= a - accepted0 || Instant::now() > wait_until {
             break (e - evaluated0, a - accepted0);
         }
@@ -169,10 +217,19 @@ async fn load(args: LoadgenArgs) -> Result<(), Failure> {
         pct(0.99).as_secs_f64() * 1e3,
         latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3
     );
-    let which = args.monitor.as_ref().map_or("monitors".to_string(), |m| format!("monitor `{m}`"));
-    println!("{which}: {accepted:.0} points accepted, {evaluated:.0} evaluated ({} lost)", (accepted - evaluated).max(0.0));
+    let which = args
+        .monitor
+        .as_ref()
+        .map_or("monitors".to_string(), |m| format!("monitor `{m}`"));
+    println!(
+        "{which}: {accepted:.0} points accepted, {evaluated:.0} evaluated ({} lost)",
+        (accepted - evaluated).max(0.0)
+    );
     if evaluated < accepted {
-        return Err(Failure::runtime(anyhow!("{} accepted points were not evaluated", accepted - evaluated)));
+        return Err(Failure::runtime(anyhow!(
+            "{} accepted points were not evaluated",
+            accepted - evaluated
+        )));
     }
     Ok(())
 }

@@ -63,12 +63,18 @@ pub struct Failure {
 impl Failure {
     /// Bad input: exit code 2.
     pub fn input(error: impl Into<anyhow::Error>) -> Self {
-        Failure { code: 2, error: error.into() }
+        Failure {
+            code: 2,
+            error: error.into(),
+        }
     }
 
     /// Anything else: exit code 1.
     pub fn runtime(error: impl Into<anyhow::Error>) -> Self {
-        Failure { code: 1, error: error.into() }
+        Failure {
+            code: 1,
+            error: error.into(),
+        }
     }
 }
 
@@ -108,13 +114,17 @@ fn main() -> ExitCode {
 /// Builds the shared strategy runtime, with NaN canonicalisation on or off.
 pub fn init_runtime(canonicalize_nans: bool) -> Result<(), visutility_host::runtime::LoadError> {
     use visutility_host::runtime::{Runtime, RuntimeConfig};
-    Runtime::init_shared(RuntimeConfig { nan_canonicalization: canonicalize_nans, ..RuntimeConfig::default() })
-        .map(|_| ())
+    Runtime::init_shared(RuntimeConfig {
+        nan_canonicalization: canonicalize_nans,
+        ..RuntimeConfig::default()
+    })
+    .map(|_| ())
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
 }
 
@@ -127,7 +137,9 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr)
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
@@ -138,8 +150,9 @@ pub fn read_config(arg: Option<&str>) -> Result<String, Failure> {
     match arg {
         None => Ok("{}".to_string()),
         Some(s) => match s.strip_prefix('@') {
-            Some(path) => std::fs::read_to_string(path)
-                .map_err(|e| Failure::input(anyhow::anyhow!("cannot read config file `{path}`: {e}"))),
+            Some(path) => std::fs::read_to_string(path).map_err(|e| {
+                Failure::input(anyhow::anyhow!("cannot read config file `{path}`: {e}"))
+            }),
             None => Ok(s.to_string()),
         },
     }

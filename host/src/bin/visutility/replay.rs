@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow};
 use clap::Args;
 use visutility_host::Limits;
-use visutility_host::replay::{ReplayError, ReplaySignal, as_utf8, parse_lines, replay, replay_text};
+use visutility_host::replay::{
+    ReplayError, ReplaySignal, as_utf8, parse_lines, replay, replay_text,
+};
 use visutility_host::runtime::{StrategyComponent, StrategyInstance, StrategySource};
 
 use crate::{Failure, read_config};
@@ -23,7 +25,12 @@ index, model_version, kind (\"retrain\" | \"warn\"), reason, score, timestamp (m
 A malformed input line stops the replay before anything is evaluated, with exit code 2.")]
 pub struct ReplayArgs {
     /// The strategy: `builtin:NAME` or a path to a `.wasm` component.
-    #[arg(short, long, required_unless_present = "compare", conflicts_with = "compare")]
+    #[arg(
+        short,
+        long,
+        required_unless_present = "compare",
+        conflicts_with = "compare"
+    )]
     strategy: Option<String>,
     /// Its configuration: inline JSON, or `@file.json`.
     #[arg(short, long, conflicts_with = "compare")]
@@ -56,7 +63,11 @@ pub struct ReplayArgs {
     deadline: Option<Duration>,
 }
 
-fn instance(strategy: &str, config: Option<&str>, args: &ReplayArgs) -> Result<StrategyInstance, Failure> {
+fn instance(
+    strategy: &str,
+    config: Option<&str>,
+    args: &ReplayArgs,
+) -> Result<StrategyInstance, Failure> {
     let config = read_config(config)?;
     let source: StrategySource = strategy.parse().map_err(Failure::input)?;
     let component = StrategyComponent::load(&source).map_err(Failure::input)?;
@@ -67,13 +78,19 @@ fn instance(strategy: &str, config: Option<&str>, args: &ReplayArgs) -> Result<S
     if let Some(deadline) = args.deadline {
         limits.deadline = deadline;
     }
-    component.instantiate(&config, limits).map_err(Failure::input)
+    component
+        .instantiate(&config, limits)
+        .map_err(Failure::input)
 }
 
 fn read_input(path: &std::path::Path) -> Result<Vec<u8>, Failure> {
     let mut bytes = Vec::new();
     if path.as_os_str() == "-" {
-        std::io::stdin().lock().read_to_end(&mut bytes).context("cannot read stdin").map_err(Failure::input)?;
+        std::io::stdin()
+            .lock()
+            .read_to_end(&mut bytes)
+            .context("cannot read stdin")
+            .map_err(Failure::input)?;
     } else {
         File::open(path)
             .and_then(|mut f| f.read_to_end(&mut bytes))
@@ -131,11 +148,17 @@ pub fn run(args: ReplayArgs) -> Result<(), Failure> {
     out.flush().map_err(Failure::runtime)?;
     let counters = instance.counters();
     let (logs, bytes) = (
-        counters.log_lines_dropped.load(std::sync::atomic::Ordering::Relaxed),
-        counters.output_bytes_dropped.load(std::sync::atomic::Ordering::Relaxed),
+        counters
+            .log_lines_dropped
+            .load(std::sync::atomic::Ordering::Relaxed),
+        counters
+            .output_bytes_dropped
+            .load(std::sync::atomic::Ordering::Relaxed),
     );
     if logs > 0 || bytes > 0 {
-        eprintln!("sandbox: dropped {logs} log line(s) over the per-call limit and {bytes} byte(s) of stdout/stderr over the cap");
+        eprintln!(
+            "sandbox: dropped {logs} log line(s) over the per-call limit and {bytes} byte(s) of stdout/stderr over the cap"
+        );
     }
 
     let info = instance.info();
@@ -158,7 +181,10 @@ pub fn run(args: ReplayArgs) -> Result<(), Failure> {
 
 /// `replay --compare A B`: both strategies over the same parsed stream.
 fn compare(args: &ReplayArgs, a: &str, b: &str) -> Result<(), Failure> {
-    let mut instances = [instance(a, args.config_a.as_deref(), args)?, instance(b, args.config_b.as_deref(), args)?];
+    let mut instances = [
+        instance(a, args.config_a.as_deref(), args)?,
+        instance(b, args.config_b.as_deref(), args)?,
+    ];
     let bytes = read_input(&args.input)?;
     let located = located(&args.input);
     let text = as_utf8(&bytes).map_err(&located)?;
@@ -189,19 +215,50 @@ fn compare(args: &ReplayArgs, a: &str, b: &str) -> Result<(), Failure> {
 
     let list = |xs: &mut dyn Iterator<Item = u64>| {
         let all: Vec<u64> = xs.collect();
-        let mut text = all.iter().take(20).map(u64::to_string).collect::<Vec<_>>().join(", ");
+        let mut text = all
+            .iter()
+            .take(20)
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
         if all.len() > 20 {
             text.push_str(&format!(", … ({} more)", all.len() - 20));
         }
-        if all.is_empty() { "nowhere".to_string() } else { text }
+        if all.is_empty() {
+            "nowhere".to_string()
+        } else {
+            text
+        }
     };
     let mut stdout = std::io::stdout().lock();
     let mut say = |line: String| writeln!(stdout, "{line}").map_err(Failure::runtime);
-    say(format!("{} snapshots, {} model(s)", observations.len(), observations.iter().map(|o| o.model_version.as_ref()).collect::<std::collections::HashSet<&str>>().len()))?;
+    say(format!(
+        "{} snapshots, {} model(s)",
+        observations.len(),
+        observations
+            .iter()
+            .map(|o| o.model_version.as_ref())
+            .collect::<std::collections::HashSet<&str>>()
+            .len()
+    ))?;
     for (i, (label, spec)) in [("A", a), ("B", b)].into_iter().enumerate() {
         let info = instances[i].info();
-        say(format!("{label}  {spec} ({} {}): {} retrain, {} warn", info.name, info.version, [c.retrain.0, c.retrain.1][i], [c.warn.0, c.warn.1][i]))?;
-        say(format!("   retrain at: {}", list(&mut signals[i].iter().filter(|s| s.kind == visutility_host::runtime::VerdictKind::Retrain).map(|s| s.index))))?;
+        say(format!(
+            "{label}  {spec} ({} {}): {} retrain, {} warn",
+            info.name,
+            info.version,
+            [c.retrain.0, c.retrain.1][i],
+            [c.warn.0, c.warn.1][i]
+        ))?;
+        say(format!(
+            "   retrain at: {}",
+            list(
+                &mut signals[i]
+                    .iter()
+                    .filter(|s| s.kind == visutility_host::runtime::VerdictKind::Retrain)
+                    .map(|s| s.index)
+            )
+        ))?;
     }
     let total = c.matched + c.only_a.len() + c.only_b.len();
     say(format!(
@@ -224,12 +281,28 @@ fn compare(args: &ReplayArgs, a: &str, b: &str) -> Result<(), Failure> {
             m if m > 0 => format!("{m} snapshot(s) after A"),
             m => format!("{} snapshot(s) before A", -m),
         };
-        say(format!("delay (B − A over paired detections): median {median:+}, mean {mean:+.1}, range {:+}..{:+}: B fires {who}", d[0], d[d.len() - 1]))?;
+        say(format!(
+            "delay (B − A over paired detections): median {median:+}, mean {mean:+.1}, range {:+}..{:+}: B fires {who}",
+            d[0],
+            d[d.len() - 1]
+        ))?;
     }
-    let first = |i: usize| signals[i].iter().find(|s| s.kind == visutility_host::runtime::VerdictKind::Retrain).map(|s| s.index);
+    let first = |i: usize| {
+        signals[i]
+            .iter()
+            .find(|s| s.kind == visutility_host::runtime::VerdictKind::Retrain)
+            .map(|s| s.index)
+    };
     match (first(0), first(1)) {
-        (Some(x), Some(y)) => say(format!("first retrain: A at {x}, B at {y} ({:+} snapshots)", y as i64 - x as i64))?,
-        (x, y) => say(format!("first retrain: A at {}, B at {}", x.map_or("never".into(), |v| v.to_string()), y.map_or("never".into(), |v| v.to_string())))?,
+        (Some(x), Some(y)) => say(format!(
+            "first retrain: A at {x}, B at {y} ({:+} snapshots)",
+            y as i64 - x as i64
+        ))?,
+        (x, y) => say(format!(
+            "first retrain: A at {}, B at {}",
+            x.map_or("never".into(), |v| v.to_string()),
+            y.map_or("never".into(), |v| v.to_string())
+        ))?,
     }
     Ok(())
 }

@@ -48,14 +48,22 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     }
     if args.check {
         for m in &config.monitors {
-            let component = visutility_host::runtime::StrategyComponent::load(&m.strategy.parse().map_err(|e| {
-                Failure::input(anyhow::anyhow!("monitor `{}`: {e}", m.name))
-            })?)
+            let component = visutility_host::runtime::StrategyComponent::load(
+                &m.strategy
+                    .parse()
+                    .map_err(|e| Failure::input(anyhow::anyhow!("monitor `{}`: {e}", m.name)))?,
+            )
             .map_err(|e| Failure::input(anyhow::anyhow!("monitor `{}`: {e}", m.name)))?;
             let instance = component
                 .instantiate(&m.config_json(), m.limits.limits())
                 .map_err(|e| Failure::input(anyhow::anyhow!("monitor `{}`: {e}", m.name)))?;
-            println!("monitor `{}`: {} {} ({}) ok", m.name, instance.info().name, instance.info().version, m.strategy);
+            println!(
+                "monitor `{}`: {} {} ({}) ok",
+                m.name,
+                instance.info().name,
+                instance.info().version,
+                m.strategy
+            );
         }
         println!("configuration ok: {} monitor(s)", config.monitors.len());
         return Ok(());
@@ -75,13 +83,17 @@ async fn serve(config: ServiceConfig, path: Option<std::path::PathBuf>) -> Resul
         service.set_config_path(path);
     }
     let addr = listener.local_addr().map_err(Failure::runtime)?;
-    println!("visutility listening on http://{addr} ({} monitor(s))", service.monitors().len());
+    println!(
+        "visutility listening on http://{addr} ({} monitor(s))",
+        service.monitors().len()
+    );
     let shutdown = CancellationToken::new();
     {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
@@ -93,18 +105,28 @@ async fn serve(config: ServiceConfig, path: Option<std::path::PathBuf>) -> Resul
         // SIGHUP: reload the configuration file.
         let service = service.clone();
         tokio::spawn(async move {
-            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+            let Ok(mut hup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
+                return;
+            };
             while hup.recv().await.is_some() {
                 let s = service.clone();
                 match tokio::task::spawn_blocking(move || s.reload()).await {
-                    Ok(Ok(report)) => eprintln!("configuration reloaded (SIGHUP): {}", serde_json::to_string(&report).unwrap_or_default()),
+                    Ok(Ok(report)) => eprintln!(
+                        "configuration reloaded (SIGHUP): {}",
+                        serde_json::to_string(&report).unwrap_or_default()
+                    ),
                     Ok(Err(e)) => eprintln!("configuration not reloaded (SIGHUP): {e}"),
                     Err(e) => eprintln!("configuration not reloaded (SIGHUP): {e}"),
                 }
             }
         });
     }
-    service.serve(listener, shutdown).await.map_err(Failure::runtime)?;
+    service
+        .serve(listener, shutdown)
+        .await
+        .map_err(Failure::runtime)?;
     eprintln!("visutility stopped cleanly");
     Ok(())
 }

@@ -24,7 +24,9 @@ impl Detector for Escape {
     }
 
     fn update(&mut self, _p: &Point<'_>) -> Verdict {
-        let file = std::fs::read_to_string("/etc/passwd").map(|s| s.len()).unwrap_or(0);
+        let file = std::fs::read_to_string("/etc/passwd")
+            .map(|s| s.len())
+            .unwrap_or(0);
         let net = std::net::TcpStream::connect("127.0.0.1:22").is_ok();
         Verdict::warn(format!("file={file} net={net}"))
     }

@@ -28,7 +28,11 @@ pub struct Hostile {
 
 fn recurse(n: u64) -> u64 {
     let pad = [n; 64];
-    if n == u64::MAX { 0 } else { recurse(std::hint::black_box(n + 1)) + pad[(n % 64) as usize] }
+    if n == u64::MAX {
+        0
+    } else {
+        recurse(std::hint::black_box(n + 1)) + pad[(n % 64) as usize]
+    }
 }
 
 impl Detector for Hostile {
@@ -47,7 +51,12 @@ impl Detector for Hostile {
     }
 
     fn new(c: &Config, _model: &str) -> Self {
-        Hostile { mode: c.mode.clone(), at: c.at, seen: 0, hoard: Vec::new() }
+        Hostile {
+            mode: c.mode.clone(),
+            at: c.at,
+            seen: 0,
+            hoard: Vec::new(),
+        }
     }
 
     fn update(&mut self, _p: &Point<'_>) -> Verdict {
@@ -105,7 +114,12 @@ impl Detector for Hostile {
                     .unwrap_or(0);
                 let mut h = std::collections::hash_map::RandomState::new().build_hasher();
                 h.write_u64(self.seen);
-                Verdict::warn(format!("env={} args={args} now_ms={now} random={:x} home={:?}", env.len(), h.finish(), std::env::var("HOME").ok()))
+                Verdict::warn(format!(
+                    "env={} args={args} now_ms={now} random={:x} home={:?}",
+                    env.len(),
+                    h.finish(),
+                    std::env::var("HOME").ok()
+                ))
             }
             _ => Verdict::Healthy,
         }

@@ -44,7 +44,12 @@ impl Detector for Threshold {
 
     fn new(c: &Config, model: &str) -> Self {
         log::info(&format!("new detector for {model}"));
-        Threshold { watch: c.watch.clone(), warn_above: c.warn_above, retrain_above: c.retrain_above, seen: 0 }
+        Threshold {
+            watch: c.watch.clone(),
+            warn_above: c.warn_above,
+            retrain_above: c.retrain_above,
+            seen: 0,
+        }
     }
 
     fn update(&mut self, p: &Point<'_>) -> Verdict {
@@ -55,10 +60,13 @@ impl Detector for Threshold {
             name => p.metric(name),
         };
         match value {
-            Some(v) if v > self.retrain_above => {
-                Verdict::retrain(format!("{} {v} > {} (point {} of this stream)", self.watch, self.retrain_above, self.seen))
+            Some(v) if v > self.retrain_above => Verdict::retrain(format!(
+                "{} {v} > {} (point {} of this stream)",
+                self.watch, self.retrain_above, self.seen
+            )),
+            Some(v) if v > self.warn_above => {
+                Verdict::warn(format!("{} {v} > {}", self.watch, self.warn_above))
             }
-            Some(v) if v > self.warn_above => Verdict::warn(format!("{} {v} > {}", self.watch, self.warn_above)),
             _ => Verdict::Healthy,
         }
     }
