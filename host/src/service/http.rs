@@ -438,18 +438,10 @@ async fn swaps(
         );
     }
     let store = service.store.clone();
-    match tokio::task::spawn_blocking(move || store.swaps(Some(&name), p.limit.unwrap_or(20))).await
-    {
-        Ok(Ok(list)) => axum::Json(json!({ "swaps": list })).into_response(),
-        Ok(Err(e)) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            json!({"error": e.to_string()}),
-        ),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            json!({"error": e.to_string()}),
-        ),
-    }
+    store_query("swaps", move || {
+        store.swaps(Some(&name), p.limit.unwrap_or(20))
+    })
+    .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -464,21 +456,10 @@ async fn failures(
     Query(p): Query<FailuresParams>,
 ) -> Response {
     let store = service.store.clone();
-    match tokio::task::spawn_blocking(move || {
+    store_query("failures", move || {
         store.failures(p.monitor.as_deref(), p.limit.unwrap_or(20))
     })
     .await
-    {
-        Ok(Ok(list)) => axum::Json(json!({ "failures": list })).into_response(),
-        Ok(Err(e)) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            json!({"error": e.to_string()}),
-        ),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            json!({"error": e.to_string()}),
-        ),
-    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -503,8 +484,17 @@ async fn signals(State(service): State<Arc<Service>>, Query(p): Query<SignalsPar
         limit: p.limit,
     };
     let store = service.store.clone();
-    match tokio::task::spawn_blocking(move || store.signals(&q)).await {
-        Ok(Ok(list)) => axum::Json(json!({ "signals": list })).into_response(),
+    store_query("signals", move || store.signals(&q)).await
+}
+
+/// Runs a store query off the async threads; answers `{key: [...]}`, or
+/// 500 with the error.
+async fn store_query<T: serde::Serialize + Send + 'static>(
+    key: &'static str,
+    query: impl FnOnce() -> Result<Vec<T>, super::store::StoreError> + Send + 'static,
+) -> Response {
+    match tokio::task::spawn_blocking(query).await {
+        Ok(Ok(list)) => axum::Json(json!({ key: list })).into_response(),
         Ok(Err(e)) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             json!({"error": e.to_string()}),

@@ -69,6 +69,7 @@ async fn evaluated_and_accepted(
     let label = monitor.map(|m| format!("{{monitor=\"{m}\"}} "));
     let mut evaluated = 0.0;
     let mut accepted = 0.0;
+    let mut found = false;
     for line in text.lines() {
         let value = || {
             line.rsplit(' ')
@@ -84,29 +85,16 @@ async fn evaluated_and_accepted(
         };
         if ours("visutility_points_evaluated_total") {
             evaluated += value();
+            found = true;
         }
         if ours("visutility_points_accepted_total") {
             accepted += value();
         }
     }
+    if let (Some(m), false) = (monitor, found) {
+        return Err(anyhow!("no monitor `{m}` in /metrics"));
+    }
     Ok((evaluated, accepted))
-}
-
-async fn monitor_evaluated(
-    client: &reqwest::Client,
-    url: &str,
-    monitor: &str,
-) -> anyhow::Result<f64> {
-    let text = client
-        .get(format!("{url}/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
-    let prefix = format!("visutility_points_evaluated_total{{monitor=\"{monitor}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
-        .ok_or_else(|| anyhow!("no monitor `{monitor}` in /metrics"))
 }
 
 async fn load(args: LoadgenArgs) -> Result<(), Failure> {
@@ -119,14 +107,6 @@ async fn load(args: LoadgenArgs) -> Result<(), Failure> {
         .await
         .context("cannot reach the service's /metrics")
         .map_err(Failure::input)?;
-    let monitor0 = match &args.monitor {
-        Some(m) => Some(
-            monitor_evaluated(&client, &url, m)
-                .await
-                .map_err(Failure::input)?,
-        ),
-        None => None,
-    };
     let bodies: Vec<bytes::Bytes> = (0..8)
         .map(|s| body(args.batch, args.models, s).into())
         .collect();
@@ -177,13 +157,13 @@ async fn load(args: LoadgenArgs) -> Result<(), Failure> {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let snapshots = requests * args.batch as u64;
-    if let (Some(m), Some(before)) = (&args.monitor, monitor0) {
-        let after = monitor_evaluated(&client, &url, m)
+    if let Some(m) = &args.monitor {
+        let (after, _) = evaluated_and_accepted(&client, &url, Some(m))
             .await
             .map_err(Failure::runtime)?;
         println!(
             "monitor `{m}` evaluated {:.0} snapshots/s during the run",
-            (after - before) / elapsed
+            (after - evaluated0) / elapsed
         );
     }
     latencies.sort();
